@@ -1,0 +1,351 @@
+"""Readers and writers for the SRN dataset format (SPEC section 5, "Data on disk").
+
+The published SRN datasets (ShapeNet cars and chairs, rendered for Sitzmann et al. 2019) store every
+object as a folder::
+
+    <instance>/rgb/*.png|*.jpg        images (alpha ignored)
+    <instance>/pose/*.txt             cam2world 4x4, four lines of four numbers or one line of sixteen
+    <instance>/intrinsics.txt         "f cx cy 0." / "0. 0. 0." / "1." / "height width" [/ world2cam flag]
+    <instance>/params/*.txt           optional, one vector per view on the first line
+    <instance>/depth/*.png            optional (written by our generators), 16-bit depth, see below
+
+Everything here is numpy-based and free of torch, so that DataLoader workers and dataset generators can
+use it cheaply. Images are returned as ``(s, s, 3)`` float32 arrays in [-1, 1] (HWC, not flattened; the
+datasets flatten them row-major to ``(N, 3)``).
+
+Depth PNG convention (fixed): a single-channel 16-bit PNG whose value is ``round(depth * 1000)``, i.e.
+millimetres of camera-space z (not distance along the ray) when the scene unit is the metre; the value 0
+means "no surface" (background). The representable range is therefore (0, 65.535] scene units.
+``load_depth`` returns float32 depth in scene units with 0 for background.
+
+Every reader fails with ``FileNotFoundError`` or ``ValueError`` whose message starts with the offending
+path and says what is wrong; nothing is silently skipped or guessed.
+"""
+import functools
+import math
+import os
+from collections import namedtuple
+
+import imageio.v3 as iio
+import numpy as np
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.JPEG', '.JPG')  # the reference's glob patterns (SPEC section 5)
+
+
+# --- Small helpers -----------------------------------------------------------------------------------
+
+def _require_file(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} not found")
+
+
+def _parse_numbers(tokens, path, what):
+    """Floats from whitespace-separated tokens; ValueError naming the path when one is not a finite number."""
+    try:
+        values = np.array([float(t) for t in tokens], dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{path}: {what} must be numbers ({err})") from None
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{path}: {what} contains non-finite values {values.tolist()}")
+    return values
+
+
+def list_images(folder):
+    """Image files of ``folder`` (the reference's extensions), sorted by full path."""
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith(IMAGE_EXTENSIONS) and not name.startswith('.'))
+
+
+def list_files(folder, extension='.txt'):
+    """Files of ``folder`` ending in ``extension``, sorted by full path."""
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith(extension) and not name.startswith('.'))
+
+
+# --- Images ------------------------------------------------------------------------------------------
+
+def read_image_raw(path):
+    """The first three channels of an image file, as stored: (H, W, 3) uint8 or uint16.
+
+    Grayscale images are replicated to three channels; an alpha channel is dropped (the published
+    datasets are RGBA PNGs on a white background, and the reference ignores alpha too).
+    """
+    _require_file(path, "image")
+    try:
+        # Pillow directly: the PNG/JPEG reader imageio would pick anyway, without probing every plugin
+        img = iio.imread(path, plugin='pillow')
+    except Exception as err:  # Pillow raises many types for truncated or corrupt files
+        raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
+                         f"re-render or re-export this view, or remove it together with its pose") from None
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"{path}: expected an (H, W[, C]) image, got shape {img.shape}")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: expected an 8- or 16-bit image, got dtype {img.dtype}")
+    if img.shape[2] < 3:  # gray or gray+alpha
+        img = np.repeat(img[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def to_unit_float(img):
+    """uint8 / uint16 image to float32 in [0, 1] (÷255 or ÷65535, as skimage.img_as_float32)."""
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / np.float32(255.)
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / np.float32(65535.)
+    return img.astype(np.float32)
+
+
+def square_crop(img):
+    """Centre square crop of an (H, W, ...) array: the min(H, W) rows and columns around the centre."""
+    height, width = img.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return img[top:top + side, left:left + side]
+
+
+@functools.lru_cache(maxsize=64)
+def _area_weights(in_size, out_size):
+    """(out_size, in_size) float64 resampling matrix with OpenCV INTER_AREA semantics.
+
+    Shrinking: each output pixel is the average of the input interval it covers, partial pixels weighted by
+    their overlap. Enlarging: OpenCV's INTER_AREA rule, nearest neighbour with a linear blend only where an
+    output pixel straddles two input pixels.
+    """
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = in_size / out_size
+    if out_size <= in_size:
+        for i in range(out_size):
+            start, end = i * scale, (i + 1) * scale
+            for j in range(int(math.floor(start)), min(int(math.ceil(end)), in_size)):
+                overlap = min(end, j + 1) - max(start, j)
+                if overlap > 0:
+                    weights[i, j] = overlap / scale
+    else:
+        inv_scale = out_size / in_size
+        for i in range(out_size):
+            src = int(math.floor(i * scale))
+            frac = (i + 1) - (src + 1) * inv_scale
+            frac = 0.0 if frac <= 0 else frac - math.floor(frac)
+            if src >= in_size - 1:
+                src, frac = in_size - 1, 0.0
+            weights[i, src] += 1.0 - frac
+            if frac > 0:
+                weights[i, src + 1] += frac
+    return weights
+
+
+def area_resize(img, sidelength):
+    """Resize a square (s, s, C) float image to (sidelength, sidelength, C) like cv2.INTER_AREA.
+
+    Integer shrink factors are plain block averages (the common 128 -> 64 case; a reshape-mean, measured
+    several times faster than the general path); other factors use the separable area-weight matrices.
+    """
+    in_size = img.shape[0]
+    if img.shape[1] != in_size:
+        raise ValueError(f"area_resize expects a square image, got shape {img.shape}")
+    if sidelength == in_size:
+        return img
+    if sidelength < in_size and in_size % sidelength == 0:
+        factor = in_size // sidelength
+        blocks = img.reshape(sidelength, factor, sidelength, factor, img.shape[2])
+        return blocks.mean(axis=(1, 3), dtype=np.float32)
+    weights = _area_weights(in_size, sidelength).astype(np.float32)  # (s_out, s_in)
+    rows = np.einsum('oi,iwc->owc', weights, img)  # (s_out, s_in, C)
+    return np.einsum('pj,ojc->opc', weights, rows)  # (s_out, s_out, C)
+
+
+def prepare_rgb(raw, sidelength=None):
+    """Stored image (H, W, 3) uint8/uint16 -> float32 (s, s, 3) in [-1, 1]: crop, area-resize, x2-1."""
+    img = square_crop(to_unit_float(raw))
+    if sidelength is not None:
+        img = area_resize(img, int(sidelength))
+    return img * np.float32(2.) - np.float32(1.)
+
+
+def load_rgb(path, sidelength=None):
+    """An SRN image: float32 (s, s, 3) in [-1, 1], HWC (flatten row-major for the (N, 3) sample layout).
+
+    First three channels -> [0, 1] (÷255 or ÷65535) -> centre square crop -> area resize to ``sidelength``
+    (kept at the cropped size when None) -> ×2−1 (SPEC section 5).
+    """
+    return prepare_rgb(read_image_raw(path), sidelength)
+
+
+def write_image(path, rgb):
+    """Write an RGB image as 8-bit PNG (or JPEG by extension): uint8 (H, W, 3), or float in [0, 1]."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        rgb = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+        raise ValueError(f"{path}: write_image expects an (H, W, 3) array, got shape {rgb.shape}")
+    iio.imwrite(path, rgb)
+
+
+# --- Depth -------------------------------------------------------------------------------------------
+
+DEPTH_SCALE = 1000.0  # uint16 value per scene unit: millimetres when the unit is the metre (module docstring)
+
+
+def write_depth(path, depth):
+    """Write float depth (H, W) (camera z, 0 = background) as a 16-bit PNG of round(depth * 1000)."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"{path}: write_depth expects an (H, W) array, got shape {depth.shape}")
+    if not np.all(np.isfinite(depth)) or depth.min(initial=0.0) < 0:
+        raise ValueError(f"{path}: depth must be finite and >= 0 (0 marks background)")
+    scaled = np.round(depth * DEPTH_SCALE)
+    if scaled.max(initial=0.0) > 65535:
+        raise ValueError(f"{path}: depth {depth.max():.3f} exceeds the 16-bit range "
+                         f"({65535 / DEPTH_SCALE:.3f} scene units); scale the scene down")
+    iio.imwrite(path, scaled.astype(np.uint16))
+
+
+def load_depth(path):
+    """Read a depth PNG written by ``write_depth``: float32 (H, W) camera z, 0 for background."""
+    _require_file(path, "depth image")
+    try:
+        raw = iio.imread(path, plugin='pillow')
+    except Exception as err:
+        raise ValueError(f"{path}: cannot decode depth image ({type(err).__name__}: {err})") from None
+    if raw.ndim != 2 or raw.dtype != np.uint16:
+        raise ValueError(f"{path}: expected a single-channel 16-bit depth PNG, got shape {raw.shape} "
+                         f"dtype {raw.dtype}")
+    return raw.astype(np.float32) / np.float32(DEPTH_SCALE)
+
+
+# --- Poses -------------------------------------------------------------------------------------------
+
+def load_pose(path):
+    """cam2world (4, 4) float32 from a pose file: four lines of four numbers, or one line of sixteen.
+
+    The reference reads the float64 values and casts them to float32; so do we.
+    """
+    _require_file(path, "pose file")
+    with open(path, 'r') as file:
+        tokens = file.read().split()
+    if len(tokens) != 16:
+        raise ValueError(f"{path}: a pose must be 16 numbers (4 lines of 4, or one line of 16, row-major "
+                         f"cam2world), found {len(tokens)}")
+    return _parse_numbers(tokens, path, "pose").reshape(4, 4).astype(np.float32)
+
+
+def write_pose(path, cam2world):
+    """Write cam2world (4, 4) as ONE line of 16 numbers, row-major (the published datasets' layout)."""
+    cam2world = np.asarray(cam2world, dtype=np.float64)
+    if cam2world.shape != (4, 4):
+        raise ValueError(f"{path}: write_pose expects a (4, 4) matrix, got shape {cam2world.shape}")
+    with open(path, 'w') as file:
+        # repr: the shortest text that reads back to the same float64, so poses round-trip exactly
+        file.write(' '.join(repr(float(v)) for v in cam2world.reshape(-1)) + '\n')
+
+
+# --- Params ------------------------------------------------------------------------------------------
+
+def load_params(path):
+    """A per-view parameter vector: float32 (P,) from the first line of ``path``."""
+    _require_file(path, "params file")
+    with open(path, 'r') as file:
+        tokens = file.readline().split()
+    if not tokens:
+        raise ValueError(f"{path}: the first line must hold the parameter vector, found it empty")
+    return _parse_numbers(tokens, path, "params").astype(np.float32)
+
+
+def write_params(path, params):
+    """Write a parameter vector (P,) on one line."""
+    params = np.asarray(params, dtype=np.float64).reshape(-1)
+    with open(path, 'w') as file:
+        file.write(' '.join(repr(float(v)) for v in params) + '\n')
+
+
+# --- Intrinsics --------------------------------------------------------------------------------------
+
+Intrinsics = namedtuple('Intrinsics', ['f', 'cx', 'cy', 'grid_barycenter', 'scale', 'near_plane',
+                                       'height', 'width', 'world2cam_poses'])
+Intrinsics.__doc__ = """The contents of an ``intrinsics.txt`` (pixels of the stored images)."""
+
+
+def read_intrinsics(path):
+    """Parse an SRN ``intrinsics.txt`` into an ``Intrinsics`` tuple, checking every line.
+
+    Line 1: ``f cx cy [0.]``; line 2: the grid barycenter (3 numbers); line 3: the scale (one number; an
+    optional second number is read as the near plane, else 0); line 4: ``height width``; optional line 5:
+    an integer world2cam flag (anything else there counts as absent, as in the reference). The barycenter,
+    scale, near plane and flag are returned for completeness; SRNs ignore them (SPEC section 5).
+    """
+    _require_file(path, "intrinsics.txt")
+    with open(path, 'r') as file:
+        lines = file.read().splitlines()
+    fix = "expected 'f cx cy 0.' / '0. 0. 0.' / '1.' / 'height width'"
+    if len(lines) < 4:
+        raise ValueError(f"{path}: intrinsics need 4 lines, found {len(lines)}; {fix}")
+    first = _parse_numbers(lines[0].split(), path, "line 1 (f cx cy)")
+    if len(first) not in (3, 4):
+        raise ValueError(f"{path}: line 1 must be 'f cx cy [0.]', found {len(first)} numbers; {fix}")
+    barycenter = _parse_numbers(lines[1].split(), path, "line 2 (grid barycenter)")
+    if len(barycenter) != 3:
+        raise ValueError(f"{path}: line 2 must be the 3-number grid barycenter, found {len(barycenter)}; {fix}")
+    third = _parse_numbers(lines[2].split(), path, "line 3 (scale)")
+    if len(third) not in (1, 2):
+        raise ValueError(f"{path}: line 3 must be the scale (one number), found {len(third)}; {fix}")
+    size = _parse_numbers(lines[3].split(), path, "line 4 (height width)")
+    if len(size) != 2 or size.min() <= 0:
+        raise ValueError(f"{path}: line 4 must be 'height width' (two positive numbers), "
+                         f"found {lines[3]!r}; {fix}")
+    f, cx, cy = first[:3]
+    if f <= 0:
+        raise ValueError(f"{path}: focal length must be positive, found {f}")
+    world2cam_poses = False
+    if len(lines) > 4:
+        try:
+            world2cam_poses = bool(int(lines[4]))
+        except ValueError:
+            world2cam_poses = False
+    return Intrinsics(float(f), float(cx), float(cy), barycenter, float(third[0]),
+                      float(third[1]) if len(third) == 2 else 0.0, float(size[0]), float(size[1]),
+                      world2cam_poses)
+
+
+def intrinsics_matrix_np(f, cx, cy):
+    """The (4, 4) float32 intrinsics matrix of SPEC section 4."""
+    return np.array([[f, 0., cx, 0.],
+                     [0., f, cy, 0.],
+                     [0., 0., 1., 0.],
+                     [0., 0., 0., 1.]], dtype=np.float32)
+
+
+def rescale_intrinsics(intrinsics, trgt_sidelength=None):
+    """(f, cx, cy) in pixels of an image of side ``trgt_sidelength``: f·s/height, cx·s/width, cy·s/height.
+
+    The centre crop is not reflected (as in the reference), so this is exact for square images only.
+    """
+    f, cx, cy = intrinsics.f, intrinsics.cx, intrinsics.cy
+    if trgt_sidelength is not None:
+        cx = cx / intrinsics.width * trgt_sidelength
+        cy = cy / intrinsics.height * trgt_sidelength
+        f = trgt_sidelength / intrinsics.height * f
+    return f, cx, cy
+
+
+def parse_intrinsics(path, trgt_sidelength=None):
+    """The (4, 4) float32 intrinsics matrix of ``intrinsics.txt``, rescaled to ``trgt_sidelength`` pixels."""
+    return intrinsics_matrix_np(*rescale_intrinsics(read_intrinsics(path), trgt_sidelength))
+
+
+def parse_intrinsics_legacy(path, trgt_sidelength=None, invert_y=False):
+    """The reference's 5-tuple: (full_intrinsic (4, 4) float64, grid_barycenter (3,), scale, near_plane,
+    world2cam_poses), for scripts written against the original code."""
+    intrinsics = read_intrinsics(path)
+    f, cx, cy = rescale_intrinsics(intrinsics, trgt_sidelength)
+    full_intrinsic = intrinsics_matrix_np(f, cx, cy).astype(np.float64)
+    full_intrinsic[:3, :3] = [[f, 0., cx], [0., -f if invert_y else f, cy], [0., 0., 1.]]
+    return (full_intrinsic, intrinsics.grid_barycenter, intrinsics.scale, intrinsics.near_plane,
+            intrinsics.world2cam_poses)
+
+
+def write_intrinsics(path, f, cx, cy, height, width):
+    """Write the 4-line SRN ``intrinsics.txt``: "f cx cy 0." / "0. 0. 0." / "1." / "height width"."""
+    with open(path, 'w') as file:
+        file.write(f"{float(f)!r} {float(cx)!r} {float(cy)!r} 0.\n0. 0. 0.\n1.\n{int(height)} {int(width)}\n")

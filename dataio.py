@@ -1,0 +1,295 @@
+"""Datasets of posed images in the SRN format (SPEC section 5; paper section 4, "Experiments").
+
+``SceneClassDataset`` serves every observation of a class of objects (one latent code per instance, in
+sorted-folder order); ``SceneInstanceDataset`` serves the views of one object. Both keep the reference
+semantics (instance order, ``max_num_instances``, ``max_observations_per_instance``,
+``specific_observation_idcs``, ``samples_per_instance``, ``set_img_sidelength``, the collate function) and
+fix its slow and silent parts (SPEC section 8):
+
+- everything that can be checked without decoding images is checked at construction, and every error
+  names the offending path and says what is wrong;
+- ``intrinsics.txt``, poses and params are parsed once, at construction; item lookup is O(log n);
+- ``preload=True`` decodes every selected image once (threads), centre-crops it and keeps it at full
+  resolution in a single shared-memory tensor. Resizing to the current side happens per item (a block mean
+  for integer factors), so ``set_img_sidelength`` needs no rebuild, the memory held is bounded by the
+  dataset's size on disk once decoded (uint8: H·W·3 bytes per view), and the one buffer is inherited by
+  forked DataLoader workers without copies (or shared through shared memory when workers are spawned).
+
+A sample (one observation) is a dict: ``instance_idx`` float scalar, ``rgb (N, 3)`` in [-1, 1] row-major,
+``pose (4, 4)`` cam2world, ``uv (N, 2)`` int64 (column, row), ``param (P,)`` or ``[0.]``,
+``intrinsics (4, 4)``; its ground truth is ``{'rgb': (N, 3)}``.
+"""
+import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import data_util
+from geometry import uv_grid
+
+
+def _observation_positions(num_views, max_observations, specific_observation_idcs, instance_dir):
+    """Which views (positions in the sorted pose list) an instance keeps, as a list of ints."""
+    if specific_observation_idcs is not None:
+        positions = [int(i) for i in specific_observation_idcs]
+        bad = [i for i in positions if not 0 <= i < num_views]
+        if bad:
+            raise ValueError(f"{instance_dir}: observation indices {bad} out of range; this instance has "
+                             f"{num_views} views (pose files), valid indices are 0..{num_views - 1}")
+        return positions
+    if max_observations is not None and max_observations != -1:
+        if max_observations < 1:
+            raise ValueError(f"{instance_dir}: max_observations_per_instance must be -1 or >= 1, "
+                             f"got {max_observations}")
+        # floor(i·n/k) in integers (SPEC section 5): evenly spread, views repeat when k > n
+        return [(i * num_views) // max_observations for i in range(max_observations)]
+    return list(range(num_views))
+
+
+class _ImageCache:
+    """Decoded, centre-cropped images of one dataset in one flat tensor (uint8, or uint16 if any is 16-bit).
+
+    A single tensor keeps forked DataLoader workers on the parent's pages (no per-image Python objects to
+    touch) and, once ``share_memory_()``-ed, crosses to spawned workers as one shared-memory segment.
+    """
+
+    def __init__(self, paths, num_threads=None):
+        num_threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(num_threads) as pool:  # PNG/JPEG decoding releases the GIL
+            images = list(pool.map(lambda p: data_util.square_crop(data_util.read_image_raw(p)), paths))
+        self.is_16bit = any(img.dtype == np.uint16 for img in images)
+        self.shapes = np.array([img.shape for img in images], dtype=np.int64).reshape(-1, 3)  # (K, 3)
+        sizes = self.shapes.prod(axis=1)
+        self.offsets = np.concatenate(([0], np.cumsum(sizes)))  # (K + 1,)
+        np_dtype = np.uint16 if self.is_16bit else np.uint8
+        buffer = np.empty(int(self.offsets[-1]), dtype=np_dtype)
+        for k, img in enumerate(images):
+            if self.is_16bit and img.dtype == np.uint8:
+                img = img.astype(np.uint16) * np.uint16(257)  # u/255 == 257·u/65535 exactly
+            buffer[self.offsets[k]:self.offsets[k + 1]] = img.reshape(-1)
+        del images
+        # torch < 2.3 has no uint16 tensors: keep 16-bit data as int16 with the same bits (zero-copy view)
+        self.buffer = torch.from_numpy(buffer.view(np.int16) if self.is_16bit else buffer)
+        self.buffer.share_memory_()
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def get(self, k):
+        """The k-th image as stored: (H, W, 3) uint8 or uint16 (a view for uint8)."""
+        flat = self.buffer[self.offsets[k]:self.offsets[k + 1]].numpy()
+        if self.is_16bit:
+            flat = flat.view(np.uint16)
+        return flat.reshape(self.shapes[k])
+
+    @property
+    def nbytes(self):
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+class SceneInstanceDataset(Dataset):
+    """The views of one object (one folder of SPEC section 5), as observation dicts.
+
+    :param instance_idx: the object's latent-code index (its position among the class's instances)
+    :param instance_dir: folder with rgb/, pose/, intrinsics.txt and optionally params/
+    :param specific_observation_idcs: keep exactly these views (positions in the sorted pose list)
+    :param img_sidelength: side length s of the served images (None: the stored, centre-cropped side)
+    :param num_images: keep views floor(i·n/k), i < k = num_images (-1: all)
+    :param preload: decode the kept images once and serve them from RAM
+    """
+
+    def __init__(self, instance_idx, instance_dir, specific_observation_idcs=None, img_sidelength=None,
+                 num_images=-1, preload=False, _cache=None, _cache_start=0):
+        self.instance_idx = instance_idx
+        self.instance_dir = instance_dir
+        self.img_sidelength = img_sidelength
+
+        color_dir = os.path.join(instance_dir, "rgb")
+        pose_dir = os.path.join(instance_dir, "pose")
+        param_dir = os.path.join(instance_dir, "params")
+        for folder in (color_dir, pose_dir):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(
+                    f"{folder}: missing; every subfolder of the dataset root must be an instance with "
+                    f"rgb/, pose/ and intrinsics.txt (move other folders out of the root)")
+        color_paths = data_util.list_images(color_dir)
+        pose_paths = data_util.list_files(pose_dir, '.txt')
+        if not pose_paths:
+            raise FileNotFoundError(f"{pose_dir}: no pose files (*.txt); an instance needs at least one view")
+        if len(color_paths) != len(pose_paths):
+            raise ValueError(f"{instance_dir}: {len(color_paths)} images in rgb/ but {len(pose_paths)} poses "
+                             f"in pose/; views pair images and poses by sorted position, so the counts must match")
+        param_paths = None
+        if os.path.isdir(param_dir):
+            param_paths = data_util.list_files(param_dir, '.txt')
+            if len(param_paths) != len(pose_paths):
+                raise ValueError(f"{param_dir}: {len(param_paths)} params files for {len(pose_paths)} poses; "
+                                 f"provide one per view or remove params/")
+
+        self.num_views_on_disk = len(pose_paths)
+        self.positions = _observation_positions(len(pose_paths), num_images, specific_observation_idcs,
+                                                instance_dir)
+        self.color_paths = [color_paths[i] for i in self.positions]
+        self.pose_paths = [pose_paths[i] for i in self.positions]
+        self.param_paths = None if param_paths is None else [param_paths[i] for i in self.positions]
+
+        # parsed once here (the reference re-read intrinsics.txt for every image)
+        self.intrinsics_file = data_util.read_intrinsics(os.path.join(instance_dir, "intrinsics.txt"))
+        self.poses = torch.from_numpy(np.stack([data_util.load_pose(p) for p in self.pose_paths]))  # (V, 4, 4)
+        if self.param_paths is None:
+            self.params = None
+        else:
+            self.params = [torch.from_numpy(data_util.load_params(p)) for p in self.param_paths]  # V x (P,)
+        self._intrinsics_by_side = {}
+
+        self._cache, self._cache_start = _cache, _cache_start
+        if preload and _cache is None:
+            self._cache, self._cache_start = _ImageCache(self.color_paths), 0
+
+    def set_img_sidelength(self, new_img_sidelength):
+        """Serve images (and intrinsics, uv) at a new side length; the preloaded cache stays valid."""
+        self.img_sidelength = new_img_sidelength
+
+    def __len__(self):
+        return len(self.pose_paths)
+
+    def _intrinsics(self, sidelength):
+        """(4, 4) float32 intrinsics for images of side ``sidelength`` (None: as stored), cached."""
+        if sidelength not in self._intrinsics_by_side:
+            f, cx, cy = data_util.rescale_intrinsics(self.intrinsics_file, sidelength)
+            self._intrinsics_by_side[sidelength] = torch.from_numpy(data_util.intrinsics_matrix_np(f, cx, cy))
+        return self._intrinsics_by_side[sidelength]
+
+    def _rgb(self, idx):
+        """float32 (s, s, 3) in [-1, 1]."""
+        if self._cache is not None:
+            return data_util.prepare_rgb(self._cache.get(self._cache_start + idx), self.img_sidelength)
+        return data_util.load_rgb(self.color_paths[idx], sidelength=self.img_sidelength)
+
+    def __getitem__(self, idx):
+        rgb = self._rgb(idx)  # (s, s, 3)
+        sidelength = rgb.shape[0]
+        return {
+            "instance_idx": torch.tensor(float(self.instance_idx)),
+            "rgb": torch.from_numpy(np.ascontiguousarray(rgb.reshape(-1, 3))),  # (N, 3), row-major
+            "pose": self.poses[idx].clone(),  # (4, 4) cam2world
+            "uv": _uv(sidelength).clone(),  # (N, 2) int64
+            "param": self.params[idx].clone() if self.params is not None else torch.tensor([0.]),
+            "intrinsics": self._intrinsics(self.img_sidelength).clone(),  # (4, 4)
+        }
+
+
+_UV_BY_SIDE = {}
+
+
+def _uv(sidelength):
+    if sidelength not in _UV_BY_SIDE:
+        _UV_BY_SIDE[sidelength] = uv_grid(sidelength)
+    return _UV_BY_SIDE[sidelength]
+
+
+def list_instance_dirs(root_dir):
+    """The instance folders of a dataset root, sorted as full paths with a trailing separator (SPEC 5)."""
+    if not os.path.isdir(root_dir):
+        raise FileNotFoundError(f"{root_dir}: dataset root not found (expected root/<instance>/rgb/ and pose/)")
+    instance_dirs = sorted(os.path.join(root_dir, name) + os.sep for name in os.listdir(root_dir)
+                           if not name.startswith('.') and os.path.isdir(os.path.join(root_dir, name)))
+    if not instance_dirs:
+        raise FileNotFoundError(f"{root_dir}: no instance folders with rgb/ and pose/ "
+                                f"(expected root/<instance>/rgb/*.png, pose/*.txt, intrinsics.txt)")
+    return instance_dirs
+
+
+def collate_fn(batch_list):
+    """Flatten a batch of (observations, ground truths) pairs into two dicts of stacked tensors.
+
+    :param batch_list: b pairs, each two lists of samples_per_instance dicts
+    :return: (observation dict with tensors (b·samples_per_instance, ...), ground-truth dict likewise)
+    """
+    observations = [obs for item in batch_list for obs in item[0]]
+    ground_truths = [gt for item in batch_list for gt in item[1]]
+    return _stack_dicts(observations), _stack_dicts(ground_truths)
+
+
+def _stack_dicts(dicts):
+    stacked = {}
+    for key in dicts[0]:
+        values = [d[key] for d in dicts]
+        stacked[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return stacked
+
+
+class SceneClassDataset(Dataset):
+    """Every observation of every instance under ``root_dir`` (SPEC section 5).
+
+    Item i is ``(observations, ground_truths)``: two lists of ``samples_per_instance`` dicts whose first
+    entry is the i-th observation in instance-then-view order and whose others are random views of the same
+    instance. Every script uses ``samples_per_instance=1``.
+    """
+
+    def __init__(self, root_dir, img_sidelength=None, max_num_instances=-1, max_observations_per_instance=-1,
+                 specific_observation_idcs=None, samples_per_instance=2, preload=False):
+        self.root_dir = root_dir
+        self.img_sidelength = img_sidelength
+        self.samples_per_instance = samples_per_instance
+        if samples_per_instance < 1:
+            raise ValueError(f"{root_dir}: samples_per_instance must be >= 1, got {samples_per_instance}")
+
+        self.instance_dirs = list_instance_dirs(root_dir)
+        if max_num_instances is not None and max_num_instances != -1:
+            self.instance_dirs = self.instance_dirs[:max_num_instances]
+
+        self.all_instances = [SceneInstanceDataset(instance_idx=idx, instance_dir=instance_dir,
+                                                   specific_observation_idcs=specific_observation_idcs,
+                                                   img_sidelength=img_sidelength,
+                                                   num_images=max_observations_per_instance)
+                              for idx, instance_dir in enumerate(self.instance_dirs)]
+        self.num_per_instance_observations = [len(obj) for obj in self.all_instances]
+        self.num_instances = len(self.all_instances)
+        # first global observation index of each instance: item -> instance by bisection, O(log n)
+        self._instance_starts = np.concatenate(([0], np.cumsum(self.num_per_instance_observations)[:-1]))
+        self._length = int(sum(self.num_per_instance_observations))
+
+        self.preloaded = False
+        if preload:
+            self.preload()
+
+    def preload(self, num_threads=None):
+        """Decode every kept image once into one shared RAM buffer (see the module docstring)."""
+        paths = [p for obj in self.all_instances for p in obj.color_paths]
+        cache = _ImageCache(paths, num_threads)
+        for obj, start in zip(self.all_instances, self._instance_starts):
+            obj._cache, obj._cache_start = cache, int(start)
+        self.preloaded = True
+        return cache.nbytes
+
+    def set_img_sidelength(self, new_img_sidelength):
+        """Serve all instances at a new side length (the stages of multi-resolution training)."""
+        self.img_sidelength = new_img_sidelength
+        for obj in self.all_instances:
+            obj.set_img_sidelength(new_img_sidelength)
+
+    def __len__(self):
+        return self._length
+
+    def get_instance_idx(self, idx):
+        """(instance position, view position within it) of global observation ``idx``."""
+        if not 0 <= idx < self._length:
+            raise IndexError(f"{self.root_dir}: observation {idx} out of range for {self._length} observations")
+        obj_idx = bisect.bisect_right(self._instance_starts, idx) - 1
+        return obj_idx, idx - int(self._instance_starts[obj_idx])
+
+    collate_fn = staticmethod(collate_fn)
+
+    def __getitem__(self, idx):
+        obj_idx, rel_idx = self.get_instance_idx(idx)
+        instance = self.all_instances[obj_idx]
+        observations = [instance[rel_idx]]
+        # torch's generator is reseeded per DataLoader worker, so workers draw different views
+        for extra in torch.randint(len(instance), (self.samples_per_instance - 1,)).tolist():
+            observations.append(instance[extra])
+        ground_truth = [{"rgb": obs["rgb"]} for obs in observations]
+        return observations, ground_truth

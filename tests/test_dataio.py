@@ -1,0 +1,165 @@
+"""SRN datasets (SPEC section 5): reference parity, semantics, and clear errors naming the path."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data_util
+import dataio
+
+
+def make_dataset(root, num_instances=2, num_views=3, side=8, params=False, one_line_pose=True):
+    """A tiny SRN-format dataset in ``root``: instance i, view j has constant colour (i, j) and pose ~ j."""
+    for i in range(num_instances):
+        inst = root / f"obj_{i:02d}"
+        for sub in ("rgb", "pose") + (("params",) if params else ()):
+            (inst / sub).mkdir(parents=True)
+        data_util.write_intrinsics(inst / "intrinsics.txt", side * 1.0, side / 2, side / 2, side, side)
+        for j in range(num_views):
+            data_util.write_image(inst / "rgb" / f"{j:06d}.png", np.full((side, side, 3), 10 * i + j, np.uint8))
+            pose = np.eye(4)
+            pose[:3, 3] = (i, j, 1.0)
+            if one_line_pose:
+                data_util.write_pose(inst / "pose" / f"{j:06d}.txt", pose)
+            else:
+                np.savetxt(inst / "pose" / f"{j:06d}.txt", pose)
+            if params:
+                data_util.write_params(inst / "params" / f"{j:06d}.txt", [i, j])
+    return root
+
+
+def names(path):
+    return re.escape(str(path))
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_reference_loader_parity(reference_fixtures, preload):
+    cases = torch.load(reference_fixtures / "tiny_srn_dataset_loader.pt", map_location="cpu", weights_only=True)
+    for case, expected in cases.items():
+        dataset = dataio.SceneClassDataset(str(reference_fixtures / "tiny_srn_dataset"), preload=preload,
+                                           **expected["kwargs"])
+        assert dataset.num_instances == expected["num_instances"], case
+        assert len(dataset) == expected["length"], case
+        for i, item in enumerate(expected["items"]):
+            observations, ground_truth = dataset[i]
+            obs = observations[0]
+            assert list(obs) == list(item), case
+            for key in item:
+                assert obs[key].dtype == item[key].dtype and obs[key].shape == item[key].shape, (case, key)
+            torch.testing.assert_close(obs["rgb"], item["rgb"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(ground_truth[0]["rgb"], item["rgb"], atol=1e-5, rtol=0)
+            for key in ("pose", "intrinsics", "uv", "instance_idx", "param"):
+                assert torch.equal(obs[key], item[key]), (case, i, key)
+
+
+def test_order_subsets_and_lookup(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=3, num_views=5, side=8, params=True)
+    dataset = dataio.SceneClassDataset(str(root), img_sidelength=4, samples_per_instance=1,
+                                       max_observations_per_instance=3)
+    assert dataset.num_instances == 3 and len(dataset) == 9
+    seen = [(int(dataset[k][0][0]["instance_idx"]), dataset[k][0][0]["param"].tolist()) for k in range(9)]
+    # views floor(i*5/3) = 0, 1, 3 of each instance, in instance-then-view order
+    assert seen == [(i, [float(i), float(j)]) for i in range(3) for j in (0, 1, 3)]
+    obs = dataset[4][0][0]
+    assert obs["rgb"].shape == (16, 3) and obs["uv"].dtype == torch.int64
+    np.testing.assert_allclose(obs["rgb"].numpy(), (11 / 255) * 2 - 1, atol=1e-6)  # instance 1, view 1
+    assert obs["intrinsics"][0, 0] == 4.0 and obs["intrinsics"][0, 2] == 2.0
+    assert obs["pose"][:3, 3].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(IndexError):
+        dataset[9]
+
+    repeated = dataio.SceneClassDataset(str(root), max_num_instances=1, max_observations_per_instance=7)
+    assert len(repeated) == 7  # k > n repeats views
+    specific = dataio.SceneClassDataset(str(root), specific_observation_idcs=[4, 2], samples_per_instance=1)
+    assert [o[0][0]["pose"][1, 3].item() for o in (specific[0], specific[1])] == [4.0, 2.0]
+
+
+def test_collate_and_samples_per_instance(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=4, side=4, one_line_pose=False)
+    dataset = dataio.SceneClassDataset(str(root), img_sidelength=2, samples_per_instance=3)
+    observations, ground_truth = dataset.collate_fn([dataset[0], dataset[5]])
+    assert observations["rgb"].shape == (6, 4, 3) and observations["pose"].shape == (6, 4, 4)
+    assert observations["uv"].shape == (6, 4, 2) and observations["instance_idx"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert observations["param"].shape == (6, 1) and ground_truth["rgb"].shape == (6, 4, 3)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_set_img_sidelength_and_dataloader_workers(tmp_path, preload):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=2, side=8)
+    dataset = dataio.SceneClassDataset(str(root), img_sidelength=8, samples_per_instance=1, preload=preload)
+    dataset.set_img_sidelength(2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=dataset.collate_fn)
+    observations, _ = next(iter(loader))
+    assert observations["rgb"].shape == (2, 4, 3) and observations["intrinsics"][0, 0, 0] == 2.0
+    dataset.set_img_sidelength(8)
+    assert dataset[3][0][0]["rgb"].shape == (64, 3)
+
+
+# --- Bad inputs: each raises the right type, at construction where possible, naming the path -------------
+
+def test_missing_and_empty_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=names(tmp_path / "absent")):
+        dataio.SceneClassDataset(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=names(tmp_path / "empty")):
+        dataio.SceneClassDataset(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("folder", ["rgb", "pose"])
+def test_instance_without_rgb_or_pose(tmp_path, folder):
+    root = make_dataset(tmp_path / "data")
+    for f in (root / "obj_01" / folder).iterdir():
+        f.unlink()
+    (root / "obj_01" / folder).rmdir()
+    with pytest.raises(FileNotFoundError, match=names(root / "obj_01" / folder)):
+        dataio.SceneClassDataset(str(root))
+
+
+def test_different_numbers_of_images_and_poses(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    (root / "obj_00" / "rgb" / "000002.png").unlink()
+    with pytest.raises(ValueError, match=names(root / "obj_00")) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "2 images" in str(info.value) and "3 poses" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_image(tmp_path, damage):
+    root = make_dataset(tmp_path / "data", side=16)
+    path = root / "obj_01" / "rgb" / "000001.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image at all")
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
+    with pytest.raises(ValueError, match=names(path)):
+        dataset[4]
+    with pytest.raises(ValueError, match=names(path)):  # with preload, at construction
+        dataio.SceneClassDataset(str(root), preload=True)
+
+
+@pytest.mark.parametrize("text", ["1 0 0 0 0 1 0 0 0 0 1 0 0 0 0", "1 0 0 0\n0 1 0 0\n0 0 1 inf\n0 0 0 1"])
+def test_bad_pose(tmp_path, text):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_00" / "pose" / "000001.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=names(path)):
+        dataio.SceneClassDataset(str(root))
+
+
+def test_malformed_or_missing_intrinsics(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "intrinsics.txt"
+    path.write_text("131.25 64 64 0.\n0. 0. 0.\n1.\n")
+    with pytest.raises(ValueError, match=names(path)):
+        dataio.SceneClassDataset(str(root))
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=names(path)):
+        dataio.SceneClassDataset(str(root))
+
+
+def test_observation_index_out_of_range(tmp_path):
+    root = make_dataset(tmp_path / "data", num_views=3)
+    with pytest.raises(ValueError, match=names(root / "obj_00")) as info:
+        dataio.SceneClassDataset(str(root), specific_observation_idcs=[1, 3])
+    assert "[3]" in str(info.value)
