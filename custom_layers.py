@@ -63,9 +63,20 @@ class FCBlock(nn.Module):
 
 # --- Ray marcher ------------------------------------------------------------------------------------
 
-def _clamp_grad(grad):
-    """Clamp the gradient flowing into the LSTM's hidden state to [-10, 10] (reference value)."""
-    return grad.clamp(min=-10., max=10.)
+class ClampGrad(torch.autograd.Function):
+    """Identity whose backward clamps the incoming gradient to [-10, 10] (the reference's value).
+
+    Applied to the LSTM's hidden state it clamps the gradient summed over all uses of that state,
+    as the reference's tensor hook does; unlike a hook it also traces under torch.compile.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=-10., max=10.)
 
 
 class Raymarcher(nn.Module):
@@ -117,10 +128,11 @@ class Raymarcher(nn.Module):
         trace = [depth]
         for _ in range(self.steps):
             v = phi(world_coords)  # (B, N, C)
-            state = self.lstm(v.reshape(-1, self.n_feature_channels), state)  # 2 x (B*N, 16)
-            if state[0].requires_grad:
-                state[0].register_hook(_clamp_grad)
-            signed_distance = self.out_layer(state[0]).reshape(batch_size, num_samples, 1)
+            hidden, cell = self.lstm(v.reshape(-1, self.n_feature_channels), state)  # 2 x (B*N, 16)
+            state = (ClampGrad.apply(hidden), cell)
+            # The step length stays float32 under mixed precision: it moves the points along the ray.
+            with torch.autocast(hidden.device.type, enabled=False):
+                signed_distance = self.out_layer(state[0].float()).reshape(batch_size, num_samples, 1)
             world_coords = world_coords + ray_dirs * signed_distance
             depth = geometry.depth_from_world(world_coords, cam2world, world2cam=world2cam)  # (B, N, 1)
             if return_trace:

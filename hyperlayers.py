@@ -100,8 +100,14 @@ class HypoNetwork:
         self.layers = layers
 
     def __call__(self, x):  # (B, N, 3) -> (B, N, C)
-        for weights, biases, normalize in self.layers:
-            x = x.matmul(weights.transpose(-1, -2)) + biases
+        for i, (weights, biases, normalize) in enumerate(self.layers):
+            if i == 0:
+                # Under mixed precision the input layer still runs in float32: bfloat16 would round
+                # world coordinates to ~1/256 of their size and blur geometry. It is 3 -> C, so cheap.
+                with torch.autocast(x.device.type, enabled=False):
+                    x = x.float().matmul(weights.float().transpose(-1, -2)) + biases.float()
+            else:
+                x = x.matmul(weights.transpose(-1, -2)) + biases
             if normalize:
                 x = F.relu(F.layer_norm(x, x.shape[-1:]))
         return x
