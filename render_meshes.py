@@ -131,6 +131,8 @@ def _appearance(mesh, textures, texture_ids):
             image = getattr(material, 'image', None)
             if image is None and getattr(material, 'diffuse', None) is not None:
                 factor = _rgb01(material.diffuse)
+        if factor is None and image is not None:
+            factor = np.ones(3, np.float32)
         if factor is not None:
             corner_color[:] = factor
         uv = visual.uv
@@ -161,7 +163,13 @@ def load_mesh(path):
     try:
         # process=False: keep the file's vertices as they are (merging is slow on big meshes and we
         # smooth normals by position anyway).
-        scene = trimesh.load(path, force='scene', process=False)
+        # ShapeNet's MTL files name their textures as ../images/*.jpg: let the resolver leave the
+        # mesh's folder (an option of trimesh >= 4.6; earlier versions allow it by default).
+        try:
+            resolver = trimesh.resolvers.FilePathResolver(path, allow_anywhere=True)
+        except TypeError:
+            resolver = trimesh.resolvers.FilePathResolver(path)
+        scene = trimesh.load(path, force='scene', process=False, resolver=resolver)
         parts = [geom for geom in scene.dump()
                  if isinstance(geom, trimesh.Trimesh) and len(geom.faces) > 0]
     except Exception as error:  # trimesh raises many types; the caller wants the file and the reason
@@ -198,7 +206,7 @@ def up_to_z(up):
 
 
 def smooth_corner_normals(positions, faces, crease_angle=45.0):
-    """Per-corner normals (F, 3, 3): area-weighted averages of the normals of the faces that share the
+    """Per-corner normals (F, 3, 3): angle-weighted averages of the normals of the faces that share the
     corner's position, leaving out faces more than ``crease_angle`` degrees away (sharp edges stay sharp).
 
     Vertices are matched by position, so UV seams and unmerged files still smooth. crease_angle <= 0
@@ -212,6 +220,11 @@ def smooth_corner_normals(positions, faces, crease_angle=45.0):
     if crease_angle <= 0:
         return flat.astype(np.float32)
     num_faces = len(faces)
+    edge_next = np.roll(triangles, -1, axis=1) - triangles  # (F, 3, 3): corner k to k+1
+    edge_prev = np.roll(triangles, 1, axis=1) - triangles   # corner k to k-1
+    cosine = (edge_next * edge_prev).sum(2) / np.maximum(
+        np.linalg.norm(edge_next, axis=2) * np.linalg.norm(edge_prev, axis=2), 1e-30)
+    corner_angle = np.arccos(np.clip(cosine, -1.0, 1.0)).reshape(-1)  # (3F,)
     # Corners grouped by vertex position.
     scale = max(np.abs(positions).max(), 1e-12)
     _, position_id = np.unique(np.round(positions / scale * 1e6).astype(np.int64), axis=0,
@@ -232,7 +245,9 @@ def smooth_corner_normals(positions, faces, crease_angle=45.0):
     own_face = corner_face[order[pair_corner]]
     other_face = corner_face[order[pair_neighbour]]
     keep = (face_normal[own_face] * face_normal[other_face]).sum(1) >= math.cos(math.radians(crease_angle))
-    weighted = face_normal[other_face[keep]] * area2[other_face[keep], None]  # (pairs, 3)
+    # Weighted by the corner's angle (not the face's area), so how a face is split into triangles
+    # does not matter.
+    weighted = face_normal[other_face[keep]] * corner_angle[order[pair_neighbour[keep]], None]  # (pairs, 3)
     target = order[pair_corner[keep]]  # flat corner index f * 3 + k
     summed = np.stack([np.bincount(target, weights=weighted[:, i], minlength=3 * num_faces)
                        for i in range(3)], axis=1).reshape(num_faces, 3, 3)
