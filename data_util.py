@@ -26,8 +26,8 @@ import math
 import os
 from collections import namedtuple
 
-import imageio.v3 as iio
 import numpy as np
+from PIL import Image  # Pillow, installed with imageio: called directly, imageio's dispatch cost 1-2 ms per file
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.JPEG', '.JPG')  # the reference's glob patterns (SPEC section 5)
 
@@ -64,6 +64,22 @@ def list_files(folder, extension='.txt'):
 
 # --- Images ------------------------------------------------------------------------------------------
 
+def _decode(path, what):
+    """Decode an image file with Pillow into a numpy array; ValueError naming the path on any failure."""
+    try:
+        with Image.open(path) as pil:
+            if pil.mode in ('P', 'PA'):  # palette: the colours, not the indices
+                pil = pil.convert('RGBA')
+            elif pil.mode in ('1', 'CMYK', 'YCbCr', 'LAB', 'HSV'):
+                pil = pil.convert('RGB')
+            elif pil.mode == 'I;16B':
+                pil = pil.convert('I;16')
+            return np.asarray(pil)
+    except Exception as err:  # Pillow raises many types for truncated or corrupt files
+        raise ValueError(f"{path}: cannot decode {what} ({type(err).__name__}: {err}); "
+                         f"re-render or re-export this view, or remove it together with its pose") from None
+
+
 def read_image_raw(path):
     """The first three channels of an image file, as stored: (H, W, 3) uint8 or uint16.
 
@@ -71,12 +87,7 @@ def read_image_raw(path):
     datasets are RGBA PNGs on a white background, and the reference ignores alpha too).
     """
     _require_file(path, "image")
-    try:
-        # Pillow directly: the PNG/JPEG reader imageio would pick anyway, without probing every plugin
-        img = iio.imread(path, plugin='pillow')
-    except Exception as err:  # Pillow raises many types for truncated or corrupt files
-        raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
-                         f"re-render or re-export this view, or remove it together with its pose") from None
+    img = _decode(path, "image")
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
@@ -180,7 +191,7 @@ def write_image(path, rgb):
         rgb = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
         raise ValueError(f"{path}: write_image expects an (H, W, 3) array, got shape {rgb.shape}")
-    iio.imwrite(path, rgb)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path)
 
 
 # --- Depth -------------------------------------------------------------------------------------------
@@ -199,16 +210,13 @@ def write_depth(path, depth):
     if scaled.max(initial=0.0) > 65535:
         raise ValueError(f"{path}: depth {depth.max():.3f} exceeds the 16-bit range "
                          f"({65535 / DEPTH_SCALE:.3f} scene units); scale the scene down")
-    iio.imwrite(path, scaled.astype(np.uint16))
+    Image.fromarray(scaled.astype(np.uint16)).save(path)  # Pillow stores uint16 as a 16-bit gray PNG
 
 
 def load_depth(path):
     """Read a depth PNG written by ``write_depth``: float32 (H, W) camera z, 0 for background."""
     _require_file(path, "depth image")
-    try:
-        raw = iio.imread(path, plugin='pillow')
-    except Exception as err:
-        raise ValueError(f"{path}: cannot decode depth image ({type(err).__name__}: {err})") from None
+    raw = _decode(path, "depth image")
     if raw.ndim != 2 or raw.dtype != np.uint16:
         raise ValueError(f"{path}: expected a single-channel 16-bit depth PNG, got shape {raw.shape} "
                          f"dtype {raw.dtype}")
