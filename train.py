@@ -1,0 +1,700 @@
+"""Train a Scene Representation Network (paper section 3.4, "Training details"; SPEC section 6).
+
+One explicit loop, as the reference's ``train.py`` runs it: a step counter that counts across the stages of
+a multi-resolution schedule (side lengths, batch sizes and step counts per stage), one plain Adam over all
+parameters, validation every ``--steps_til_val`` steps, checkpoints every ``--steps_til_ckpt`` steps and at
+the end, TensorBoard summaries. Same flags, same YAML-ish configs (``train_configs/``), same checkpoint
+format, so the reference's configs and pre-trained checkpoints work unchanged.
+
+Beyond the reference (SPEC section 8):
+
+- runs on any device (``--device``), shows a progress bar, is reproducible given ``--seed``;
+- resumes exactly and automatically from the newest checkpoint in ``logging_root`` (model, Adam state,
+  step, stage, epoch, position in the epoch's data order, RNG states); ``--start_step`` still works and
+  lands in the right stage;
+- SIGINT/SIGTERM finish the current step, write a checkpoint and exit (130/143);
+- a non-finite loss stops the run with a message and never reaches a checkpoint;
+- multi-GPU with ``torchrun`` (DistributedDataParallel; rank 0 alone logs and writes);
+- switches for bf16 autocast (``--amp bf16``) and ``torch.compile`` (``--compile``); the default is the
+  reference's fp32 path;
+- ``--generate_shepard_metzler`` builds the Shepard-Metzler dataset on first use (the demo config).
+
+Host synchronisation happens only every ``--steps_til_log`` steps (scalars are buffered on the device and
+written per step in one transfer), on image/validation steps and at checkpoints.
+
+Usage: ``python train.py -c train_configs/demo.yml``; several GPUs:
+``torchrun --nproc_per_node=4 train.py -c train_configs/cars.yml`` (the batch sizes are per GPU).
+"""
+import os
+import pathlib
+import random
+import signal
+import sys
+import threading
+
+import configargparse
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+import dataio
+import srns
+import util
+
+# Per-step scalars, in the order of the stacked tensor that is buffered on the device between log steps.
+SCALAR_NAMES = ('scaled_distortion_loss', 'scaled_regularization_loss', 'scaled_latent_loss', 'total_loss',
+                'out_min', 'out_max', 'trgt_min', 'trgt_max', 'latent_reg_loss', 'embed_min', 'embed_max')
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class ConfigFileParser(configargparse.DefaultConfigFileParser):
+    """ConfigArgParse's ``key: value`` syntax, except that an empty value leaves the option unset.
+
+    (ConfigArgParse reads ``checkpoint:   # comment`` as the value '# comment'; the reference's shipped
+    test configs rely on that line meaning "no checkpoint".)
+    """
+
+    def parse(self, stream):
+        items = super().parse(stream)
+        return {key: value for key, value in items.items()
+                if not (isinstance(value, str) and (value.strip() == '' or value.lstrip().startswith('#')))}
+
+
+def get_parser():
+    """The reference's flags with their names and defaults (SPEC section 6), then ours."""
+    p = configargparse.ArgumentParser(config_file_parser_class=ConfigFileParser,
+                                      description="Train a Scene Representation Network.")
+    p.add('-c', '--config_filepath', required=False, is_config_file=True, help='Path to a config file.')
+
+    # Multi-resolution schedule: one comma-separated entry per stage.
+    p.add_argument('--img_sidelengths', type=str, default='64',
+                   help='Side lengths of the training images, one per stage (e.g. 64,128).')
+    p.add_argument('--max_steps_per_img_sidelength', type=str, default='200000',
+                   help='Number of steps of each stage.')
+    p.add_argument('--batch_size_per_img_sidelength', type=str, default='64',
+                   help='Batch size of each stage (per GPU under torchrun).')
+
+    p.add_argument('--data_root', required=True, help='Training dataset (root/<instance>/rgb, pose, intrinsics.txt).')
+    p.add_argument('--val_root', required=False, help='Validation dataset; no validation without it.')
+    p.add_argument('--logging_root', type=str, default='./logs',
+                   help='Where params.txt, model.txt, events/ and checkpoints/ go.')
+
+    p.add_argument('--lr', type=float, default=5e-5, help='Adam learning rate.')
+    p.add_argument('--l1_weight', type=float, default=200, help='Weight of the image loss (an MSE, despite the name).')
+    p.add_argument('--kl_weight', type=float, default=1, help='Weight of the latent-code prior.')
+    p.add_argument('--reg_weight', type=float, default=1e-3, help='Weight of the depth regulariser.')
+
+    p.add_argument('--steps_til_ckpt', type=int, default=10000, help='Steps between checkpoints.')
+    p.add_argument('--steps_til_val', type=int, default=1000, help='Steps between validations.')
+    p.add_argument('--no_validation', action='store_true', default=False, help='Never validate.')
+
+    p.add_argument('--preload', action='store_true', default=False,
+                   help='Decode every training image once into RAM.')
+    p.add_argument('--checkpoint_path', default=None,
+                   help='Checkpoint file or folder (its last *.pth) to take the weights from.')
+    p.add_argument('--overwrite_embeddings', action='store_true', default=False,
+                   help='Drop the checkpoint\'s latent codes (fit new scenes with the trained networks).')
+    p.add_argument('--start_step', type=int, default=0,
+                   help='Step to start counting from (resuming from logging_root needs no start step).')
+    p.add_argument('--specific_observation_idcs', type=str, default=None,
+                   help='Comma-separated view indices to train on (few-shot fitting), e.g. 64 or 64,104.')
+    p.add_argument('--max_num_instances_train', type=int, default=-1, help='Use the first n training instances.')
+    p.add_argument('--max_num_observations_train', type=int, default=50, help='Views per training instance.')
+    p.add_argument('--max_num_instances_val', type=int, default=10, help='Validation instances.')
+    p.add_argument('--max_num_observations_val', type=int, default=10, help='Views per validation instance.')
+    p.add_argument('--has_params', action='store_true', default=False,
+                   help='Take the latent codes from the dataset\'s params/ instead of learning them.')
+
+    p.add_argument('--tracing_steps', type=int, default=10, help='Ray-marching steps.')
+    p.add_argument('--freeze_networks', action='store_true', help='Train only the latent codes.')
+    p.add_argument('--fit_single_srn', action='store_true', required=False, help='One SRN for one scene.')
+    p.add_argument('--use_unet_renderer', action='store_true', help='DeepVoxels U-Net pixel generator (128 px).')
+    p.add_argument('--embedding_size', type=int, default=256, help='Size of the latent codes.')
+
+    # Ours.
+    g = p.add_argument_group('beyond the reference')
+    g.add_argument('--device', type=str, default=None, help='cuda or cpu (default: cuda when available).')
+    g.add_argument('--seed', type=int, default=0, help='Seeds the initial weights, data order and depth noise.')
+    g.add_argument('--num_workers', type=int, default=None,
+                   help='DataLoader worker processes (default: 4 on CUDA, 0 on the CPU).')
+    g.add_argument('--amp', choices=('none', 'bf16'), default='none',
+                   help='Mixed precision: bf16 autocast around forward and losses (default: fp32).')
+    g.add_argument('--compile', action='store_true', default=False, help='torch.compile the model.')
+    g.add_argument('--init_depth_std', type=float, default=5e-4,
+                   help='Std of the ray marcher\'s initial depth noise (reference: 5e-4).')
+    g.add_argument('--steps_til_log', type=int, default=10,
+                   help='Steps between host synchronisations: scalars, progress bar and loss check.')
+    g.add_argument('--steps_til_image', type=int, default=100, help='Steps between TensorBoard images.')
+    g.add_argument('--steps_til_embedding', type=int, default=0,
+                   help='Steps between latent-table projector summaries (0: never; the reference: 500).')
+    g.add_argument('--generate_shepard_metzler', type=int, default=0, metavar='NUM_OBJECTS',
+                   help='If data_root or val_root does not exist, first generate a Shepard-Metzler dataset of '
+                        'this many objects in their parent folder (shepard_metzler.py; 0: never).')
+    return p
+
+
+# --- Configuration ------------------------------------------------------------------------------------
+
+class SetupError(Exception):
+    """A problem with the inputs, found before training starts."""
+
+
+def parse_int_list(text, name):
+    try:
+        return [int(item) for item in str(text).split(',') if item.strip()]
+    except ValueError:
+        raise SetupError(f"--{name}: expected comma-separated integers, got {text!r}") from None
+
+
+def schedule_from_opt(opt):
+    """(side lengths, batch sizes, step counts) per stage, checked."""
+    sidelengths = parse_int_list(opt.img_sidelengths, 'img_sidelengths')
+    batch_sizes = parse_int_list(opt.batch_size_per_img_sidelength, 'batch_size_per_img_sidelength')
+    max_steps = parse_int_list(opt.max_steps_per_img_sidelength, 'max_steps_per_img_sidelength')
+    if not (len(sidelengths) == len(batch_sizes) == len(max_steps)) or not sidelengths:
+        raise SetupError(f"the stage lists must have one entry per stage and the same length: "
+                         f"--img_sidelengths {opt.img_sidelengths} ({len(sidelengths)}), "
+                         f"--batch_size_per_img_sidelength {opt.batch_size_per_img_sidelength} ({len(batch_sizes)}), "
+                         f"--max_steps_per_img_sidelength {opt.max_steps_per_img_sidelength} ({len(max_steps)})")
+    if min(sidelengths) < 3 or min(batch_sizes) < 1 or min(max_steps) < 0:
+        raise SetupError("side lengths must be >= 3, batch sizes >= 1 and step counts >= 0")
+    if opt.use_unet_renderer and (set(sidelengths) != {128}):
+        raise SetupError(f"--use_unet_renderer is built for 128 x 128 images, but --img_sidelengths is "
+                         f"{opt.img_sidelengths}: use 128 for every stage")
+    return sidelengths, batch_sizes, max_steps
+
+
+def stage_of(step, max_steps):
+    """The stage a step counter lies in (the reference never left stage 0 for a large start_step)."""
+    end = 0
+    for stage, steps in enumerate(max_steps):
+        end += steps
+        if step < end:
+            return stage
+    return len(max_steps) - 1
+
+
+def check_dataset_root(path, name):
+    if not os.path.isdir(path):
+        raise SetupError(f"--{name} {path}: folder not found (expected root/<instance>/rgb/, pose/, intrinsics.txt)")
+    if not any(entry.is_dir() and not entry.name.startswith('.') for entry in os.scandir(path)):
+        raise SetupError(f"--{name} {path}: empty, no instance folders (expected root/<instance>/rgb/, pose/, "
+                         f"intrinsics.txt)")
+
+
+def check_writable(folder):
+    try:
+        util.cond_mkdir(folder)
+        probe = pathlib.Path(folder) / f'.write_test_{os.getpid()}'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as error:
+        raise SetupError(f"--logging_root {folder}: not writable ({error.strerror or error}); "
+                         f"choose another folder") from None
+
+
+def generate_shepard_metzler(opt):
+    """Build the Shepard-Metzler dataset that data_root / val_root point into, if they are missing."""
+    import shepard_metzler
+    roots = [opt.data_root] + ([opt.val_root] if opt.val_root and not opt.no_validation else [])
+    for dataset_dir in sorted({str(pathlib.Path(root).parent) for root in roots if not os.path.isdir(root)}):
+        print(f"Generating the Shepard-Metzler dataset in {dataset_dir} (first use only) ...", flush=True)
+        try:
+            shepard_metzler.ensure_dataset(dataset_dir, num_objects=opt.generate_shepard_metzler, progress=True)
+        except (ValueError, OSError) as error:
+            raise SetupError(str(error)) from None
+
+
+# --- Data ---------------------------------------------------------------------------------------------
+
+class EpochSampler(Sampler):
+    """The shuffled data order of one epoch, reproducible from (seed, epoch), sharded over ranks.
+
+    Like DistributedSampler (pad to a multiple of the world size, rank r takes every r-th index), but it
+    can start ``start_batch`` batches into the epoch, so a resumed run sees exactly the remaining order.
+    """
+
+    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        self.num_per_rank = -(-num_samples // world_size)
+        self.batches_per_epoch = self.num_per_rank // batch_size  # drop_last, as the reference
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        order += order[:self.num_per_rank * self.world_size - len(order)]
+        order = order[self.rank::self.world_size]
+        return iter(order[self.start_batch * self.batch_size:self.batches_per_epoch * self.batch_size])
+
+    def __len__(self):
+        return max(0, (self.batches_per_epoch - self.start_batch) * self.batch_size)
+
+
+def to_device(batch, device):
+    """Move a dict of tensors to the device (non-blocking: the loader pins memory on CUDA)."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+# --- One step -----------------------------------------------------------------------------------------
+
+def train_step(model, optimizer, model_input, ground_truth, loss_weights, amp_dtype=None):
+    """One optimisation step, in the reference's order: forward, zero_grad, losses, backward, step.
+
+    :param loss_weights: dict with ``l1_weight``, ``reg_weight``, ``kl_weight``
+    :param amp_dtype: None (fp32) or a dtype for torch.autocast around forward and losses
+    :return: dict of tensors on the device, no host sync: ``image_loss``, ``depth_reg_loss``,
+        ``latent_loss``, ``total_loss`` (0-d) and the detached prediction ``rgb (B, N, 3)``, ``depth (B, N, 1)``
+    """
+    device_type = ground_truth['rgb'].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        rgb, depth = model(model_input)
+        optimizer.zero_grad(set_to_none=True)
+        losses = srns.compute_losses(model, model_input, (rgb, depth), ground_truth['rgb'], **loss_weights)
+    losses['total_loss'].backward()
+    optimizer.step()
+    losses['rgb'], losses['depth'] = rgb.detach(), depth.detach()
+    return losses
+
+
+def step_scalars(losses, model, model_input, ground_truth, loss_weights):
+    """The per-step TensorBoard scalars as one float32 vector on the device (order: SCALAR_NAMES)."""
+    plain = util.unwrap_model(model)
+    rgb, target = losses['rgb'], ground_truth['rgb']
+    if getattr(plain, 'latent_codes', None) is not None and not plain.fit_single_srn:
+        codes = plain.latent_codes.weight.detach()
+        embed_min, embed_max = codes.min(), codes.max()
+    else:
+        embed_min = embed_max = torch.zeros((), device=rgb.device)
+    values = [loss_weights['l1_weight'] * losses['image_loss'], loss_weights['reg_weight'] * losses['depth_reg_loss'],
+              loss_weights['kl_weight'] * losses['latent_loss'], losses['total_loss'],
+              rgb.min(), rgb.max(), target.min(), target.max(), losses['latent_loss'], embed_min, embed_max]
+    return torch.stack([v.detach().float().reshape(()) for v in values])
+
+
+# --- Validation and images ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(model, loader, device, amp_dtype=None):
+    """Mean image loss, PSNR and SSIM over the validation set (eval mode, back to train mode after)."""
+    model = util.unwrap_model(model)
+    model.eval()
+    dist_losses, psnrs, ssims = [], [], []
+    for model_input, ground_truth in loader:
+        model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            rgb, depth = model(model_input)
+        rgb = rgb.float()
+        dist_losses.append(float(srns.image_loss(rgb, ground_truth['rgb'])) * rgb.shape[0])
+        batch_psnrs, batch_ssims = srns.psnr_ssim(rgb, ground_truth['rgb'])
+        psnrs += batch_psnrs
+        ssims += batch_ssims
+    model.train()
+    return sum(dist_losses) / len(psnrs), float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def to_01(images):
+    return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def depth_images(depth):
+    """(B, N, 1) depths -> (B, 1, s, s) in [0, 1], normalised per batch."""
+    depth = srns.geometry.lin2img(depth.float())
+    return ((depth - depth.min()) / (depth.max() - depth.min()).clamp_min(1e-8)).cpu()
+
+
+def image_grid(images, ncol=None):
+    """(B, C, H, W) in [0, 1] -> (C, rows*H, ncol*W), a plain tiling (no torchvision dependency)."""
+    batch, channels, height, width = images.shape
+    ncol = ncol or batch
+    nrow = -(-batch // ncol)
+    canvas = torch.ones(channels, nrow * height, ncol * width, dtype=images.dtype)
+    for index in range(batch):
+        row, col = divmod(index, ncol)
+        canvas[:, row * height:(row + 1) * height, col * width:(col + 1) * width] = images[index]
+    return canvas
+
+
+@torch.no_grad()
+def log_images(writer, step, model, model_input, ground_truth, losses, num_images=4):
+    """Output_vs_gt, pred_depth, normals, an error image and the ray-march progress (first few views)."""
+    first = {key: value[:num_images] if torch.is_tensor(value) else value for key, value in model_input.items()}
+    rgb, depth = losses['rgb'][:num_images].float(), losses['depth'][:num_images].float()
+    target = ground_truth['rgb'][:num_images].float()
+    comparison = srns.comparison_images(first, (rgb, depth), target)  # (b, 3, s, 3s)
+    writer.add_image('Output_vs_gt', image_grid(to_01(comparison), ncol=1), step)
+    writer.add_image('pred_depth', image_grid(depth_images(depth)), step)
+    normals = srns.normal_map(first, depth)
+    writer.add_image('normals', image_grid(to_01(normals)), step)
+    error = srns.geometry.lin2img(((rgb - target) ** 2).mean(dim=-1, keepdim=True))  # (b, 1, s, s)
+    writer.add_image('error', image_grid((error / error.max().clamp_min(1e-8)).clamp(0, 1).cpu()), step)
+
+    # The ray-march progress: depth after every marching step of the first view (one extra forward).
+    plain = util.unwrap_model(model)
+    one = {key: value[:1] if torch.is_tensor(value) else value for key, value in model_input.items()}
+    _, _, trace = plain(one, return_trace=True)
+    trace = torch.cat([srns.geometry.lin2img(d.float()) for d in trace], dim=0)  # (steps+1, 1, s, s)
+    trace = (trace - trace.min()) / (trace.max() - trace.min()).clamp_min(1e-8)
+    writer.add_image('raymarch_progress', image_grid(trace.cpu()), step)
+
+
+# --- Checkpoints and resuming ---------------------------------------------------------------------------
+
+def rng_state():
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def find_resumable_checkpoint(checkpoint_dir):
+    """The newest checkpoint (last by name) written by this train.py, or None."""
+    candidates = sorted(pathlib.Path(checkpoint_dir).glob('*.pth'))
+    if not candidates:
+        return None
+    return candidates[-1]
+
+
+# --- Distributed ----------------------------------------------------------------------------------------
+
+def setup_distributed(opt):
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    device_name = opt.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device_name)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', local_rank if world_size > 1 else torch.cuda.current_device())
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world_size, device
+
+
+def any_rank(flag, device, world_size):
+    """True if ``flag`` is true on any rank (one all-reduce under torchrun)."""
+    if world_size == 1:
+        return bool(flag)
+    tensor = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for signum in SIGNAL_EXIT_CODES:
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+# --- The run --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """Parse the flags (and config), build data and model, train. Returns 0; exits non-zero on errors."""
+    opt = get_parser().parse_args(argv)
+    try:
+        return train(opt)
+    except SetupError as error:
+        raise SystemExit(f"train.py: error: {error}") from None
+
+
+def train(opt):
+    sidelengths, batch_sizes, max_steps = schedule_from_opt(opt)
+    total_steps = sum(max_steps)
+    specific_observation_idcs = (parse_int_list(opt.specific_observation_idcs, 'specific_observation_idcs')
+                                 if opt.specific_observation_idcs is not None else None)
+    if opt.freeze_networks and opt.fit_single_srn:
+        raise SetupError("--freeze_networks trains only latent codes, and --fit_single_srn has none: use one")
+    for name in ('steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image'):
+        if getattr(opt, name) < 1:
+            raise SetupError(f"--{name} must be >= 1, got {getattr(opt, name)}")
+
+    rank, world_size, device = setup_distributed(opt)
+    is_main = rank == 0
+    logging_root = pathlib.Path(opt.logging_root)
+    checkpoint_dir, events_dir = logging_root / 'checkpoints', logging_root / 'events'
+    if is_main:
+        check_writable(logging_root)
+        if opt.generate_shepard_metzler:
+            generate_shepard_metzler(opt)
+    if world_size > 1:
+        dist.barrier()
+
+    validation = bool(opt.val_root) and not opt.no_validation
+    check_dataset_root(opt.data_root, 'data_root')
+    if validation:
+        check_dataset_root(opt.val_root, 'val_root')
+    try:
+        train_dataset = dataio.SceneClassDataset(root_dir=opt.data_root, img_sidelength=sidelengths[0],
+                                                 max_num_instances=opt.max_num_instances_train,
+                                                 max_observations_per_instance=opt.max_num_observations_train,
+                                                 specific_observation_idcs=specific_observation_idcs,
+                                                 samples_per_instance=1, preload=opt.preload)
+        val_dataset = None
+        if validation:
+            val_dataset = dataio.SceneClassDataset(root_dir=opt.val_root, img_sidelength=sidelengths[0],
+                                                   max_num_instances=opt.max_num_instances_val,
+                                                   max_observations_per_instance=opt.max_num_observations_val,
+                                                   samples_per_instance=1)
+    except (FileNotFoundError, ValueError) as error:
+        raise SetupError(str(error)) from None
+    for stage, batch_size in enumerate(batch_sizes):
+        if len(train_dataset) // world_size < batch_size:
+            raise SetupError(f"--data_root {opt.data_root}: {len(train_dataset)} observations"
+                             f"{f' over {world_size} processes' if world_size > 1 else ''} do not fill one batch "
+                             f"of {batch_size} (stage {stage}); lower --batch_size_per_img_sidelength")
+
+    torch.manual_seed(opt.seed)
+    np.random.seed(opt.seed)
+    random.seed(opt.seed)
+    model = srns.SRNsModel(num_instances=train_dataset.num_instances, latent_dim=opt.embedding_size,
+                           has_params=opt.has_params, fit_single_srn=opt.fit_single_srn,
+                           use_unet_renderer=opt.use_unet_renderer, tracing_steps=opt.tracing_steps,
+                           freeze_networks=opt.freeze_networks, init_depth_std=opt.init_depth_std)
+    model.to(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr)
+    if world_size > 1:
+        torch.manual_seed(opt.seed + rank)  # different depth noise per rank; weights are broadcast by DDP
+
+    # Resume from logging_root, else load --checkpoint_path's weights (the reference's way), else start.
+    step, epoch, epoch_step = opt.start_step, 0, 0
+    resume_path = find_resumable_checkpoint(checkpoint_dir)
+    resume = None
+    if resume_path is not None:
+        try:
+            resume = util.read_checkpoint(resume_path, map_location='cpu')
+        except ValueError as error:
+            raise SetupError(str(error)) from None
+        if 'step' not in resume:
+            raise SetupError(f"{resume_path}: a checkpoint without a training step (not written by this "
+                             f"train.py) lies in {checkpoint_dir}; to start from its weights, move it out and "
+                             f"pass it as --checkpoint_path, or choose another --logging_root")
+    try:
+        if resume is not None:
+            if is_main:
+                note = f" (ignoring --checkpoint_path {opt.checkpoint_path})" if opt.checkpoint_path else ''
+                print(f"Resuming from {resume_path} at step {resume['step']}{note}", flush=True)
+            util.load_checkpoint(resume_path, model, optimizer, map_location=device)
+            step, epoch, epoch_step = resume['step'], resume.get('epoch', 0), resume.get('epoch_step', 0)
+            rng_states = resume.get('rng_states')
+            if rng_states is not None and len(rng_states) == world_size:
+                set_rng_state(rng_states[rank])
+            else:
+                torch.manual_seed(opt.seed + rank + 7919 * step)
+        elif opt.checkpoint_path:
+            if is_main:
+                print(f"Loading weights from {opt.checkpoint_path}"
+                      f"{' without its latent codes' if opt.overwrite_embeddings else ''}", flush=True)
+            util.load_checkpoint(opt.checkpoint_path, model, overwrite_embeddings=opt.overwrite_embeddings,
+                                 map_location=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SetupError(str(error)) from None
+    del resume
+
+    # Writes happen on rank 0 only.
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        util.cond_mkdir(checkpoint_dir)
+        with open(logging_root / 'params.txt', 'w') as file:
+            file.write('\n'.join(f"{name}: {value}" for name, value in sorted(vars(opt).items())) + '\n')
+        with open(logging_root / 'model.txt', 'w') as file:
+            file.write(str(model) + '\n')
+        writer = SummaryWriter(str(events_dir), flush_secs=30)
+
+    train_model = model
+    if opt.compile:
+        train_model = torch.compile(train_model)
+    if world_size > 1:
+        # has_params leaves the latent table without gradients: DDP must not wait for them
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None,
+            find_unused_parameters=opt.has_params)
+
+    amp_dtype = torch.bfloat16 if opt.amp == 'bf16' else None
+    loss_weights = {'l1_weight': opt.l1_weight, 'reg_weight': opt.reg_weight, 'kl_weight': opt.kl_weight}
+    num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
+    loader_kwargs = dict(num_workers=num_workers, pin_memory=device.type == 'cuda',
+                         persistent_workers=num_workers > 0, collate_fn=dataio.collate_fn)
+    val_loader = None
+    if validation:
+        val_loader = DataLoader(val_dataset, batch_size=2, shuffle=False, num_workers=0,
+                                collate_fn=dataio.collate_fn)
+
+    def save(path_step):
+        """Checkpoint ``checkpoints/epoch_%04d_iter_%06d.pth`` (collective under torchrun: RNG states)."""
+        states = [rng_state()]
+        if world_size > 1:
+            states = [None] * world_size
+            dist.all_gather_object(states, rng_state())
+        if is_main:
+            path = checkpoint_dir / f"epoch_{epoch:04d}_iter_{path_step:06d}.pth"
+            util.save_checkpoint(path, model, optimizer, step=step, stage=stage_of(step, max_steps), epoch=epoch,
+                                 epoch_step=epoch_step, world_size=world_size, rng_states=states,
+                                 config=vars(opt))
+            return path
+
+    if step >= total_steps:
+        if is_main:
+            print(f"Nothing to do: step {step} is the end of the schedule ({total_steps} steps)", flush=True)
+            writer.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+        return 0
+
+    stop = SignalFlag().install()
+    progress = None
+    if is_main:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=min(step, total_steps), dynamic_ncols=True, unit='step',
+                        smoothing=0.1, mininterval=1.0)
+    buffered, buffered_steps = [], []
+    loader, loader_iter, sampler, stage = None, None, None, None
+    exit_code, last_checkpoint = 0, None
+
+    def flush_scalars():
+        """One host sync: write the buffered per-step scalars; return the first non-finite step, if any."""
+        if not buffered:
+            return None
+        values = torch.stack(buffered).cpu()  # (k, len(SCALAR_NAMES))
+        bad = None
+        for row, logged_step in zip(values, buffered_steps):
+            if not torch.isfinite(row[:4]).all():
+                bad = bad or (logged_step, dict(zip(SCALAR_NAMES[:4], row[:4].tolist())))
+            if writer is not None:
+                for name, value in zip(SCALAR_NAMES, row.tolist()):
+                    writer.add_scalar(name, value, logged_step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{values[-1, 3].item():.4g}", stage=stage, refresh=False)
+        buffered.clear()
+        buffered_steps.clear()
+        return bad
+
+    def fail_non_finite(bad):
+        logged_step, terms = bad if bad else (step, {})
+        shown = ', '.join(f"{name} {value:.4g}" for name, value in terms.items())
+        message = (f"train.py: error: non-finite loss at step {logged_step} ({shown or 'on another process'}); "
+                   f"stopped without writing a checkpoint of this state. The last good checkpoint "
+                   f"is {last_checkpoint or 'the newest in ' + str(checkpoint_dir)}; try a lower --lr.")
+        raise SystemExit(message)
+
+    try:
+        while step < total_steps:
+            if loader_iter is None:
+                new_stage = stage_of(step, max_steps)
+                if new_stage != stage:
+                    stage = new_stage
+                    train_dataset.set_img_sidelength(sidelengths[stage])
+                    sampler = EpochSampler(len(train_dataset), batch_sizes[stage], opt.seed, rank, world_size)
+                    loader = DataLoader(train_dataset, batch_size=batch_sizes[stage], sampler=sampler,
+                                        drop_last=True, generator=torch.Generator().manual_seed(opt.seed),
+                                        **loader_kwargs)
+                    stage_end = sum(max_steps[:stage + 1])
+                    if is_main:
+                        progress.write(f"Stage {stage}: {sidelengths[stage]} px, batch {batch_sizes[stage]}"
+                                       f"{' per process' if world_size > 1 else ''}, steps {step}..{stage_end}")
+                sampler.set_epoch(epoch, epoch_step)
+                loader_iter = iter(loader)
+
+            model_input, ground_truth = next(loader_iter)
+            model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
+            losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
+            buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
+            buffered_steps.append(step)
+
+            if writer is not None and step % opt.steps_til_image == 0:
+                log_images(writer, step, model, model_input, ground_truth, losses)
+            if opt.steps_til_embedding and writer is not None and step % opt.steps_til_embedding == 0 \
+                    and not opt.fit_single_srn:
+                writer.add_embedding(model.latent_codes.weight.detach().cpu(), global_step=step)
+            if val_loader is not None and step % opt.steps_til_val == 0 and is_main:
+                val_loss, val_psnr, val_ssim = validate(model, val_loader, device, amp_dtype)
+                writer.add_scalar('val_dist_loss', val_loss, step)
+                writer.add_scalar('val_psnr', val_psnr, step)
+                writer.add_scalar('val_ssim', val_ssim, step)
+                progress.write(f"step {step}: val PSNR {val_psnr:.2f} dB, SSIM {val_ssim:.3f}, "
+                               f"image loss {val_loss:.4g}")
+
+            step += 1
+            epoch_step += 1
+            if progress is not None:
+                progress.update(1)
+            # Move the epoch on right away, so that a checkpoint written now resumes at the next batch.
+            if epoch_step >= sampler.batches_per_epoch or step >= stage_end:
+                epoch, epoch_step, loader_iter = epoch + 1, 0, None
+                if step >= stage_end:
+                    loader = None  # a new stage builds a new DataLoader
+
+            log_now = step % opt.steps_til_log == 0 or step % opt.steps_til_ckpt == 0 or step >= total_steps
+            if world_size == 1 and stop.signum is not None:
+                log_now = True
+            if log_now:
+                bad = flush_scalars()
+                if any_rank(bad is not None, device, world_size):
+                    fail_non_finite(bad)
+                if any_rank(stop.signum is not None, device, world_size):
+                    last_checkpoint = save(step)
+                    exit_code = SIGNAL_EXIT_CODES.get(stop.signum, 143)
+                    if is_main:
+                        progress.write(f"Interrupted ({signal.Signals(stop.signum).name if stop.signum else 'signal'}"
+                                       f" on another process): saved {last_checkpoint or 'checkpoint'} at step "
+                                       f"{step}; run the same command to resume.")
+                    break
+            if step % opt.steps_til_ckpt == 0 and step < total_steps:
+                last_checkpoint = save(step)
+        else:
+            if flush_scalars() is not None:
+                fail_non_finite(None)
+            last_checkpoint = save(step)
+            if is_main:
+                progress.write(f"Done: {step} steps; final checkpoint {last_checkpoint}")
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+        loader_iter = loader = None
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if exit_code:
+        raise SystemExit(exit_code)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
