@@ -23,6 +23,19 @@ def init_weights_normal(module):
         nn.init.kaiming_normal_(module.weight, a=0.0, nonlinearity='relu', mode='fan_in')
 
 
+def layer_norm_relu(x, weight=None, bias=None, eps=1e-5):
+    """ReLU(LayerNorm(x)) over the last dimension, in x's own precision.
+
+    Autocast would run LayerNorm in float32 and return float32, doubling the activation memory of the
+    bfloat16 path; here the statistics are still accumulated in float32 inside the kernel, but the
+    output keeps x's dtype. In float32 this is exactly nn.LayerNorm followed by nn.ReLU.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if weight is not None:
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return F.relu(F.layer_norm(x, x.shape[-1:], weight, bias, eps))
+
+
 class FCLayer(nn.Module):
     """Linear -> LayerNorm (affine) -> ReLU."""
 
@@ -33,7 +46,8 @@ class FCLayer(nn.Module):
                                  nn.ReLU(inplace=True))
 
     def forward(self, input):
-        return self.net(input)
+        linear, norm = self.net[0], self.net[1]
+        return layer_norm_relu(linear(input), norm.weight, norm.bias, norm.eps)
 
 
 class FCBlock(nn.Module):
@@ -118,12 +132,13 @@ class Raymarcher(nn.Module):
             depths after every step (for the ray-march progress images)
         """
         batch_size, num_samples, _ = uv.shape
-        ray_dirs = geometry.get_ray_directions(uv, cam2world=cam2world, intrinsics=intrinsics)  # (B, N, 3)
-        # The reference inverts cam2world at every step; the inverse is the same each time, so once suffices.
-        world2cam = torch.inverse(cam2world)
-
-        depth = self.initial_depth(batch_size, num_samples, like=ray_dirs)
-        world_coords = geometry.world_from_xy_depth(uv, depth, cam2world=cam2world, intrinsics=intrinsics)
+        # Camera geometry stays in float32 under mixed precision.
+        with torch.autocast(uv.device.type, enabled=False):
+            ray_dirs = geometry.get_ray_directions(uv, cam2world=cam2world, intrinsics=intrinsics)  # (B, N, 3)
+            # The reference inverts cam2world at every step; it is the same each time, so once suffices.
+            world2cam = torch.inverse(cam2world)
+            depth = self.initial_depth(batch_size, num_samples, like=ray_dirs)
+            world_coords = geometry.world_from_xy_depth(uv, depth, cam2world=cam2world, intrinsics=intrinsics)
         state = None
         trace = [depth]
         for _ in range(self.steps):

@@ -107,9 +107,9 @@ def depth_from_world(world_coords, cam2world, world2cam=None):
     """
     if world2cam is None:
         world2cam = torch.inverse(cam2world)
-    points_hom = torch.cat((world_coords, torch.ones_like(world_coords[..., :1])), dim=2)  # (B, N, 4)
-    points_cam = torch.matmul(world2cam, points_hom.transpose(1, 2)).transpose(1, 2)  # (B, N, 4)
-    return points_cam[..., 2:3]
+    # Only the z row of world2cam is needed; elementwise, so it stays float32 under autocast.
+    z_row = world2cam[:, None, 2, :]  # (B, 1, 4)
+    return (world_coords * z_row[..., :3]).sum(dim=-1, keepdim=True) + z_row[..., 3:]
 
 
 def uv_grid(sidelength, device=None):

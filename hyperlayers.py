@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_layers import FCBlock
+from custom_layers import FCBlock, layer_norm_relu
 
 
 class BatchLinear(nn.Module):
@@ -104,12 +104,15 @@ class HypoNetwork:
             if i == 0:
                 # Under mixed precision the input layer still runs in float32: bfloat16 would round
                 # world coordinates to ~1/256 of their size and blur geometry. It is 3 -> C, so cheap.
+                out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                    else x.dtype
                 with torch.autocast(x.device.type, enabled=False):
                     x = x.float().matmul(weights.float().transpose(-1, -2)) + biases.float()
+                x = x.to(out_dtype)  # (B, N, C), back to the working precision
             else:
                 x = x.matmul(weights.transpose(-1, -2)) + biases
             if normalize:
-                x = F.relu(F.layer_norm(x, x.shape[-1:]))
+                x = layer_norm_relu(x)
         return x
 
 

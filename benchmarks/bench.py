@@ -1,0 +1,154 @@
+"""Training and rendering throughput of the cars-size SRN on one GPU: the exact path against the fast path.
+
+For each setting (64 px x batch 64 and 128 px x batch 16, the two stages of the paper's cars schedule)
+and each variant, it times a full training step (forward, losses, backward, Adam) and a rendering pass
+without gradients, with CUDA events, as the median over repeated runs after warm-up, and records the peak
+GPU memory of training. Prints a table and writes JSON.
+
+    python benchmarks/bench.py --variants exact,fast --out bench.json
+
+Variants:
+  exact       float32, TF32 off: the faithful path the reference fixtures hold
+  exact_tf32  float32 storage with TF32 matrix units
+  bf16        bfloat16 autocast, eager
+  compile     float32 with torch.compile
+  fast        bfloat16 autocast + torch.compile + TF32 + fused Adam (train.py's --fast)
+  fast_cudagraphs  fast, compiled with CUDA graphs (mode='reduce-overhead')
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import geometry  # noqa: E402
+import srns  # noqa: E402
+
+SETTINGS = {'64px_b64': (64, 64), '128px_b16': (128, 16)}
+VARIANTS = {
+    'exact': dict(amp=None, compile=False, tf32=False),
+    'exact_tf32': dict(amp=None, compile=False, tf32=True),
+    'bf16': dict(amp=torch.bfloat16, compile=False, tf32=True),
+    'compile': dict(amp=None, compile=True, tf32=False),
+    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True),
+    'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead'),
+}
+
+
+def make_batch(sidelength, batch_size, num_instances, device, seed=0):
+    """A batch of cars-like views: cameras on a sphere of radius 1.3 looking at the origin."""
+    rng = np.random.default_rng(seed)
+    poses = np.stack([geometry.look_at(p) for p in geometry.sphere_positions(batch_size, 1.3, rng)])
+    f = 131.25 * sidelength / 128
+    intrinsics = geometry.intrinsics_matrix(f, sidelength / 2, sidelength / 2)
+    uv = geometry.uv_grid(sidelength)
+    generator = torch.Generator().manual_seed(seed)
+    model_input = {
+        'instance_idx': torch.randint(num_instances, (batch_size,), generator=generator).float(),
+        'pose': torch.tensor(poses, dtype=torch.float32),
+        'intrinsics': intrinsics.repeat(batch_size, 1, 1),
+        'uv': uv.repeat(batch_size, 1, 1),
+    }
+    target = torch.rand(batch_size, sidelength ** 2, 3, generator=generator) * 2 - 1
+    return {k: v.to(device) for k, v in model_input.items()}, target.to(device)
+
+
+def time_cuda(fn, warmup, repeats):
+    """Median milliseconds of fn() over ``repeats`` runs, timed with CUDA events, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), times
+
+
+def bench_variant(name, options, sidelength, batch_size, args):
+    torch.backends.cuda.matmul.allow_tf32 = options['tf32']
+    torch.backends.cudnn.allow_tf32 = options['tf32']
+    torch.manual_seed(0)
+    device = torch.device('cuda')
+    model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10).to(device)
+    fused = options['compile'] or options['amp'] is not None
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused)
+    model_input, target = make_batch(sidelength, batch_size, 2433, device)
+    forward = torch.compile(model, mode=options.get('compile_mode')) if options['compile'] else model
+    amp = options['amp']
+
+    def train_step():
+        with torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
+            prediction = forward(model_input)
+            losses = srns.compute_losses(model, model_input, prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        losses['total_loss'].backward()
+        optimizer.step()
+        return losses
+
+    def render():
+        with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
+            return forward(model_input)
+
+    result = {'variant': name, 'setting': f'{sidelength}px_b{batch_size}', 'rays': batch_size * sidelength ** 2}
+    t0 = time.perf_counter()
+    train_step()  # first call compiles
+    torch.cuda.synchronize()
+    result['first_step_s'] = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    result['train_ms'], result['train_ms_all'] = time_cuda(train_step, args.warmup, args.repeats)
+    result['train_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    result['rays_per_s'] = result['rays'] / result['train_ms'] * 1e3
+    model.eval()
+    t0 = time.perf_counter()
+    render()
+    torch.cuda.synchronize()
+    result['first_render_s'] = time.perf_counter() - t0
+    result['render_ms'], result['render_ms_all'] = time_cuda(render, args.warmup, args.repeats)
+    result['render_images_per_s'] = batch_size / result['render_ms'] * 1e3
+    losses = train_step()
+    result['loss_finite'] = bool(torch.isfinite(losses['total_loss']).item())
+    del model, optimizer, forward
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variants', default='exact,fast')
+    parser.add_argument('--settings', default=','.join(SETTINGS))
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--out', default='bench.json')
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit('bench.py measures GPU throughput: no CUDA device found')
+    results = []
+    for setting in args.settings.split(','):
+        sidelength, batch_size = SETTINGS[setting]
+        for name in args.variants.split(','):
+            result = bench_variant(name, VARIANTS[name], sidelength, batch_size, args)
+            results.append(result)
+            print(f"{result['setting']:>10} {name:>10}  train {result['train_ms']:7.1f} ms  "
+                  f"{result['train_peak_gib']:5.1f} GiB  render {result['render_ms']:6.1f} ms  "
+                  f"(first step {result['first_step_s']:.0f} s)", flush=True)
+    info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'results': results}
+    pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
+    print(f"\n{info['device']}, torch {info['torch']}")
+    print(f"{'setting':>10} {'variant':>10} {'train ms':>9} {'Mrays/s':>8} {'peak GiB':>9} {'render ms':>10} {'img/s':>8}")
+    for r in results:
+        print(f"{r['setting']:>10} {r['variant']:>10} {r['train_ms']:9.1f} {r['rays_per_s'] / 1e6:8.2f} "
+              f"{r['train_peak_gib']:9.1f} {r['render_ms']:10.1f} {r['render_images_per_s']:8.0f}")
+
+
+if __name__ == '__main__':
+    main()
