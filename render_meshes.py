@@ -316,10 +316,92 @@ class MeshRenderer:
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]              # (F,), twice the signed area
         count = extent[:, 0] * extent[:, 1]
         valid = (count > 0) & (det.abs() > 1e-12)
-        ids = torch.nonzero(valid).squeeze(1)
+        ids = torch.nonzero(valid).squeeze(1)                         # (F',)
         key = torch.full((side * side,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
         if len(ids) == 0:
             return key
+        inv_det = 1.0 / det[ids]
+        a1, c1 = e2[ids, 1] * inv_det, -e2[ids, 0] * inv_det
+        a2, c2 = -e1[ids, 1] * inv_det, e1[ids, 0] * inv_det
+        d1 = -(a1 * p0[ids, 0] + c1 * p0[ids, 1])
+        d2 = -(a2 * p0[ids, 0] + c2 * p0[ids, 1])
+        # Per triangle: 6 barycentric coefficients and 3 inverse depths.
+        table = torch.stack((a1, c1, d1, a2, c2, d2, inv_depth[ids, 0], inv_depth[ids, 1],
+                             inv_depth[ids, 2]), dim=1)               # (F', 9)
+        rect_tri, rect_origin, rect_size = self._rectangles(table, low[ids].long(), extent[ids], high[ids].long())
+        rect_count = rect_size[:, 0] * rect_size[:, 1]               # (R,)
+        ends = torch.cumsum(rect_count, 0)
+        # Chunks of rectangles holding at most _MAX_FRAGMENTS candidate samples.
+        bounds = [0]
+        total = int(ends[-1]) if len(ends) else 0
+        if total > _MAX_FRAGMENTS:
+            cuts = torch.searchsorted(ends, torch.arange(_MAX_FRAGMENTS, total, _MAX_FRAGMENTS,
+                                                         device=device), right=True)
+            bounds += sorted(set(int(c) for c in cuts.tolist()) - {0, len(rect_tri)})
+        bounds.append(len(rect_tri))
+        eps = -1e-6  # samples exactly on a shared edge must not fall between its two triangles
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if stop <= start:
+                continue
+            chunk_count = rect_count[start:stop]
+            rect = torch.repeat_interleave(torch.arange(start, stop, device=device), chunk_count)  # (K,)
+            first = torch.cumsum(chunk_count, 0) - chunk_count
+            local = torch.arange(len(rect), device=device) - torch.repeat_interleave(first, chunk_count)
+            width = rect_size[rect, 0]
+            local_y = torch.div(local, width, rounding_mode='floor')
+            x = (rect_origin[rect, 0] + local - local_y * width).to(screen.dtype)   # (K,) sample column
+            y = (rect_origin[rect, 1] + local_y).to(screen.dtype)                   # (K,) sample row
+            tri = rect_tri[rect]
+            row = table[tri]                                          # (K, 9)
+            b1 = row[:, 0] * x + row[:, 1] * y + row[:, 2]
+            b2 = row[:, 3] * x + row[:, 4] * y + row[:, 5]
+            b0 = 1.0 - b1 - b2
+            inside = (b0 >= eps) & (b1 >= eps) & (b2 >= eps)
+            # Screen-space linear 1/z: perspective-correct depth.
+            depth = 1.0 / (b0 * row[:, 6] + b1 * row[:, 7] + b2 * row[:, 8])
+            inside &= depth > 0
+            depth_bits = depth[inside].float().view(torch.int32).long()
+            fragment_key = (depth_bits << 32) | ids[tri[inside]]
+            pixel = y[inside].long() * side + x[inside].long()
+            key.scatter_reduce_(0, pixel, fragment_key, reduce='amin')
+        return key
+
+    @staticmethod
+    def _rectangles(table, low, extent, high, tile=8):
+        """Sample rectangles to test per triangle: its bounding box when small, else the tile x tile
+        tiles of the box that the triangle may touch. A long thin diagonal triangle (common in ShapeNet
+        meshes) covers a small part of its box, so testing every sample of the box would waste most work.
+
+        :param table: (F', 9) barycentric coefficients; low, extent, high: (F', 2) int64 boxes
+        :return: rect_tri (R,) rows of table, rect_origin (R, 2), rect_size (R, 2), all int64
+        """
+        device = table.device
+        count = extent[:, 0] * extent[:, 1]
+        big = count > 4 * tile * tile
+        small = torch.nonzero(~big).squeeze(1)
+        big = torch.nonzero(big).squeeze(1)
+        if len(big) == 0:
+            return small, low[small], extent[small]
+        num_tiles = (extent[big] + tile - 1) // tile                 # (Fb, 2)
+        per_triangle = num_tiles[:, 0] * num_tiles[:, 1]
+        tri = torch.repeat_interleave(big, per_triangle)            # (T,)
+        local = torch.arange(len(tri), device=device) - torch.repeat_interleave(
+            torch.cumsum(per_triangle, 0) - per_triangle, per_triangle)
+        columns = torch.repeat_interleave(num_tiles[:, 0], per_triangle)
+        tile_y = torch.div(local, columns, rounding_mode='floor')
+        origin = low[tri] + torch.stack((local - tile_y * columns, tile_y), 1) * tile   # (T, 2)
+        size = torch.minimum(high[tri] - origin + 1, torch.full_like(origin, tile))
+        # Keep a tile unless one barycentric is negative at all four of its corners (conservative).
+        corner_x = torch.stack((origin[:, 0], origin[:, 0] + size[:, 0] - 1), 1).to(table.dtype)  # (T, 2)
+        corner_y = torch.stack((origin[:, 1], origin[:, 1] + size[:, 1] - 1), 1).to(table.dtype)
+        row = table[tri]
+        cx, cy = corner_x[:, :, None], corner_y[:, None, :]        # all four (x, y) combinations
+        b1 = row[:, 0, None, None] * cx + row[:, 1, None, None] * cy + row[:, 2, None, None]  # (T, 2, 2)
+        b2 = row[:, 3, None, None] * cx + row[:, 4, None, None] * cy + row[:, 5, None, None]
+        b0 = 1.0 - b1 - b2
+        touch = ((b0.amax((1, 2)) >= -1e-6) & (b1.amax((1, 2)) >= -1e-6) & (b2.amax((1, 2)) >= -1e-6))
+        return (torch.cat((small, tri[touch])), torch.cat((low[small], origin[touch])),
+                torch.cat((extent[small], size[touch])))
         inv_det = 1.0 / det[ids]
         a1, c1 = e2[ids, 1] * inv_det, -e2[ids, 0] * inv_det
         a2, c2 = -e1[ids, 1] * inv_det, e1[ids, 0] * inv_det
