@@ -347,7 +347,12 @@ def log_images(writer, step, model, model_input, ground_truth, losses, num_image
 # --- Checkpoints and resuming ---------------------------------------------------------------------------
 
 def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """torch, CUDA, numpy and Python RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'position': int(position),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
+             'python': random.getstate()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -355,7 +360,9 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    numpy_state = state['numpy']
+    np.random.set_state((numpy_state['kind'], numpy_state['keys'].numpy().astype(np.uint32), numpy_state['position'],
+                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -670,8 +677,8 @@ def train(opt):
                     last_checkpoint = save(step)
                     exit_code = SIGNAL_EXIT_CODES.get(stop.signum, 143)
                     if is_main:
-                        progress.write(f"Interrupted ({signal.Signals(stop.signum).name if stop.signum else 'signal'}"
-                                       f" on another process): saved {last_checkpoint or 'checkpoint'} at step "
+                        received = signal.Signals(stop.signum).name if stop.signum else 'a signal to another process'
+                        progress.write(f"Interrupted ({received}): saved {last_checkpoint or 'checkpoint'} at step "
                                        f"{step}; run the same command to resume.")
                     break
             if step % opt.steps_til_ckpt == 0 and step < total_steps:

@@ -1,0 +1,300 @@
+"""train.py end to end on tiny generated datasets (8 px, 2 marching steps, 8-d codes), on the CPU.
+
+Configs parse with the real parser; an interrupted run resumes to the same parameters as an
+uninterrupted one; reference checkpoints load through --checkpoint_path; few-shot fitting trains only the
+codes; SIGTERM saves and exits 143; a non-finite loss stops without a bad checkpoint; bad inputs fail
+before training; torchrun with two gloo processes trains and only rank 0 writes.
+"""
+import glob
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import shepard_metzler
+import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / 'train_configs').glob('*.yml'))
+
+
+@pytest.fixture(scope='module')
+def tiny_dataset(tmp_path_factory):
+    """3 Shepard-Metzler objects: train 4 views, val 2 objects x 2 views, test 3 views, 8 x 8 px."""
+    root = tmp_path_factory.mktemp('sm')
+    shepard_metzler.generate_dataset(str(root), num_objects=3, num_train_views=4, num_val_views=2,
+                                     num_val_objects=2, num_test_views=3, sidelength=8, workers=1)
+    return root
+
+
+def tiny_args(dataset, logging_root, *extra):
+    return ['--data_root', str(dataset / 'train'), '--val_root', str(dataset / 'val'),
+            '--logging_root', str(logging_root), '--img_sidelengths', '8,6',
+            '--batch_size_per_img_sidelength', '2,3', '--max_steps_per_img_sidelength', '4,4',
+            '--tracing_steps', '2', '--embedding_size', '8', '--steps_til_val', '3', '--steps_til_ckpt', '100',
+            '--steps_til_log', '2', '--steps_til_image', '5', '--device', 'cpu', '--seed', '3', *extra]
+
+
+def checkpoints(logging_root):
+    return sorted(pathlib.Path(logging_root, 'checkpoints').glob('*.pth'))
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def assert_same_state(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
+
+
+# --- Configs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('config', CONFIGS, ids=[c.name for c in CONFIGS])
+def test_shipped_configs_parse(config):
+    opt = train.get_parser().parse_args(['-c', str(config)])
+    sidelengths, batch_sizes, max_steps = train.schedule_from_opt(opt)
+    assert len(sidelengths) == len(batch_sizes) == len(max_steps) >= 1
+    assert opt.data_root
+
+
+def test_paper_schedules():
+    def parsed(name):
+        return train.get_parser().parse_args(['-c', str(ROOT / 'train_configs' / name)])
+    assert train.schedule_from_opt(parsed('cars.yml')) == ([64, 128], [64, 16], [5000, 170000])
+    assert train.schedule_from_opt(parsed('chairs.yml')) == ([64, 128], [64, 16], [20000, 554000])
+    assert train.schedule_from_opt(parsed('shepard_metzler.yml')) == ([64], [48], [352000])
+    for name, views in (('cars_one_shot.yml', '64'), ('cars_two_shot.yml', '64,104')):
+        opt = parsed(name)
+        assert train.schedule_from_opt(opt) == ([128], [8], [100000])
+        assert opt.overwrite_embeddings and opt.freeze_networks and opt.no_validation
+        assert opt.specific_observation_idcs == views and opt.checkpoint_path
+
+
+def test_config_syntax_as_the_reference(tmp_path):
+    """Empty values are unset, `checkpoint:` reaches --checkpoint_path, `True` sets a switch."""
+    config = tmp_path / 'c.yml'
+    config.write_text("data_root: /d\nval_root:   # no validation set\ncheckpoint: /ckpt\n"
+                      "freeze_networks: True\nimg_sidelengths: '64,128'\n")
+    opt = train.get_parser().parse_args(['-c', str(config)])
+    assert opt.val_root is None and opt.checkpoint_path == '/ckpt' and opt.freeze_networks
+    assert opt.img_sidelengths == '64,128' and opt.lr == 5e-5 and opt.embedding_size == 256
+    config.write_text("data_root: /d\ncheckpoint:\n")
+    assert train.get_parser().parse_args(['-c', str(config)]).checkpoint_path is None
+
+
+def test_stage_of_counts_across_stages():
+    assert [train.stage_of(s, [4, 4]) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 1]
+
+
+# --- Training, resuming, summaries -------------------------------------------------------------------
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path, monkeypatch):
+    full = tmp_path / 'full'
+    assert train.main(tiny_args(tiny_dataset, full)) == 0
+    (final,) = checkpoints(full)
+    reference = load(final)
+    assert reference['step'] == 8 and reference['stage'] == 1 and set(reference) >= {'model', 'optimizer'}
+
+    # A real SIGTERM in the middle of the first stage's epoch (during step 2): the step finishes,
+    # a checkpoint is written and the run exits 143.
+    real_step, calls = train.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_step', step_then_signal)
+    interrupted = tmp_path / 'interrupted'
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_dataset, interrupted))
+    assert exit_info.value.code == 143
+    (saved,) = checkpoints(interrupted)
+    assert load(saved)['step'] == 3 and load(saved)['epoch_step'] == 3
+    monkeypatch.setattr(train, 'train_step', real_step)
+
+    # The same command again resumes automatically: same data order, RNG, Adam state.
+    assert train.main(tiny_args(tiny_dataset, interrupted)) == 0
+    resumed = load(checkpoints(interrupted)[-1])
+    assert resumed['step'] == 8 and resumed['epoch'] == reference['epoch']
+    assert_same_state(resumed['model'], reference['model'])
+    for a, b in zip(resumed['optimizer']['state'].values(), reference['optimizer']['state'].values()):
+        assert_same_state(a, b)
+
+    # The TensorBoard events are readable by tensorboard: scalars every step, validation, images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(full / 'events'), size_guidance={'scalars': 0, 'images': 0}).Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars('total_loss')] == list(range(8))
+    for name in train.SCALAR_NAMES:
+        assert name in tags['scalars']
+    assert [e.step for e in events.Scalars('val_psnr')] == [0, 3, 6]
+    assert {'val_dist_loss', 'val_ssim'} <= set(tags['scalars'])
+    assert {'Output_vs_gt', 'pred_depth', 'normals', 'error', 'raymarch_progress'} <= set(tags['images'])
+    assert (full / 'params.txt').read_text().count('\n') == len(vars(train.get_parser().parse_args(
+        tiny_args(tiny_dataset, full))))
+    assert 'SRNsModel' in (full / 'model.txt').read_text()
+
+
+def test_start_step_beyond_first_stage_goes_to_its_stage(tiny_dataset, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_dataset, tmp_path, '--start_step', '5', '--no_validation')) == 0
+    final = load(checkpoints(tmp_path)[-1])
+    assert final['step'] == 8 and final['stage'] == 1
+    assert 'Stage 1: 6 px' in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_without_a_bad_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    real_losses, calls = train.srns.compute_losses, []
+
+    def poisoned(*args, **kwargs):
+        losses = real_losses(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:  # step 3
+            losses['total_loss'] = losses['total_loss'] * float('nan')
+        return losses
+
+    monkeypatch.setattr(train.srns, 'compute_losses', poisoned)
+    with pytest.raises(SystemExit, match=r'non-finite loss at step 3 .*total_loss nan'):
+        train.main(tiny_args(tiny_dataset, tmp_path, '--steps_til_ckpt', '2', '--no_validation'))
+    assert [p.name for p in checkpoints(tmp_path)] == ['epoch_0000_iter_000002.pth']
+
+
+# --- Loading checkpoints, few-shot fitting ---------------------------------------------------------
+
+def test_reference_checkpoint_via_checkpoint_path(tiny_dataset, tmp_path, reference_fixtures):
+    """The reference's {'model'} checkpoint (3 codes of size 8) loads, with and without its codes."""
+    path = reference_fixtures / 'hypernet' / 'checkpoint.pth'
+    stored = torch.load(path, map_location='cpu', weights_only=True)['model']
+    common = ['--embedding_size', '8', '--tracing_steps', '10', '--lr', '0', '--no_validation',
+              '--max_steps_per_img_sidelength', '1,0', '--checkpoint_path', str(path)]
+
+    assert train.main(tiny_args(tiny_dataset, tmp_path / 'keep', *common)) == 0
+    assert_same_state(load(checkpoints(tmp_path / 'keep')[-1])['model'], stored)  # lr 0: weights as loaded
+
+    args = tiny_args(tiny_dataset, tmp_path / 'new', *common, '--max_num_instances_train', '2',
+                     '--overwrite_embeddings')
+    assert train.main(args) == 0
+    model = load(checkpoints(tmp_path / 'new')[-1])['model']
+    assert model['latent_codes.weight'].shape == (2, 8)
+    assert_same_state({k: v for k, v in model.items() if k != 'latent_codes.weight'},
+                      {k: v for k, v in stored.items() if k != 'latent_codes.weight'})
+
+    with pytest.raises(SystemExit, match='--overwrite_embeddings'):  # 2 instances, 3 stored codes
+        train.main(tiny_args(tiny_dataset, tmp_path / 'bad', *common, '--max_num_instances_train', '2'))
+    assert not checkpoints(tmp_path / 'bad')
+
+
+def test_few_shot_fits_only_the_codes(tiny_dataset, tmp_path):
+    trained = tmp_path / 'trained'
+    assert train.main(tiny_args(tiny_dataset, trained, '--no_validation')) == 0
+    networks = load(checkpoints(trained)[-1])['model']
+
+    few_shot = tmp_path / 'few_shot'
+    args = tiny_args(tiny_dataset, few_shot, '--no_validation', '--checkpoint_path', str(trained / 'checkpoints'),
+                     '--overwrite_embeddings', '--freeze_networks', '--specific_observation_idcs', '0,2',
+                     '--max_steps_per_img_sidelength', '3,0', '--lr', '1e-2')
+    args[1] = str(tiny_dataset / 'test')
+    assert train.main(args) == 0
+    fitted = load(checkpoints(few_shot)[-1])['model']
+    assert fitted['latent_codes.weight'].shape == (3, 8)
+    frozen = {k: v for k, v in networks.items() if k != 'latent_codes.weight'}
+    assert all(torch.equal(fitted[key], value) for key, value in frozen.items())
+    assert not torch.allclose(fitted['latent_codes.weight'], networks['latent_codes.weight'][:3])
+
+
+# --- Errors before training ---------------------------------------------------------------------------
+
+def test_clear_errors_before_training(tiny_dataset, tmp_path):
+    def fails(match, *extra, logging_root=tmp_path / 'logs'):
+        with pytest.raises(SystemExit, match=match):
+            train.main(tiny_args(tiny_dataset, logging_root, *extra))
+        assert not checkpoints(logging_root)
+
+    fails(r'--data_root .*missing.*folder not found', '--data_root', str(tmp_path / 'missing'))
+    (tmp_path / 'empty').mkdir()
+    fails(r'--val_root .*empty.*empty, no instance folders', '--val_root', str(tmp_path / 'empty'))
+    fails(r'same length.*\(2\).*\(1\)', '--batch_size_per_img_sidelength', '4')
+    fails('do not fill one batch', '--batch_size_per_img_sidelength', '2,1000')
+    (tmp_path / 'a_file').write_text('')
+    fails('not writable', logging_root=tmp_path / 'a_file' / 'logs')
+    fails(r'checkpoint not found', '--checkpoint_path', str(tmp_path / 'nope.pth'))
+    with pytest.raises(SystemExit):  # argparse: --data_root is required
+        train.main(['--logging_root', str(tmp_path)])
+
+
+# --- Subprocesses: a real SIGTERM, torchrun ---------------------------------------------------------
+
+def run_env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return env
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tiny_dataset, tmp_path):
+    args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '100000,1', '--no_validation')
+    process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *args], cwd=ROOT, env=run_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / 'events'
+    deadline = time.time() + 120
+    while not (events.is_dir() and any(events.iterdir())) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert 'Interrupted (SIGTERM)' in stdout
+    (saved,) = checkpoints(tmp_path)
+    step = load(saved)['step']
+    assert step >= 1
+
+    resumed = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny_args(
+        tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', f'{step + 2},0', '--no_validation')],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'Resuming from {saved} at step {step}' in resumed.stdout
+    assert load(checkpoints(tmp_path)[-1])['step'] == step + 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--nnodes=1',
+               '--master_addr=127.0.0.1', f'--master_port={free_port()}', str(ROOT / 'train.py'), *args]
+    return subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240)
+
+
+def test_torchrun_two_processes_gloo(tiny_dataset, tmp_path):
+    trained = tmp_path / 'ddp'
+    result = torchrun(tiny_args(tiny_dataset, trained, '--batch_size_per_img_sidelength', '2,2',
+                                '--max_steps_per_img_sidelength', '2,1', '--steps_til_ckpt', '2'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('Done: 3 steps') == 1  # rank 0 alone reports
+    assert len(glob.glob(str(trained / 'events' / '*'))) == 1  # ... and writes one event file
+    assert [p.name for p in checkpoints(trained)] == ['epoch_0001_iter_000002.pth', 'epoch_0002_iter_000003.pth']
+    final = load(checkpoints(trained)[-1])
+    assert final['world_size'] == 2 and len(final['rng_states']) == 2
+
+    # Few-shot fitting under DDP: frozen networks, only the codes get gradients.
+    few_shot = tmp_path / 'ddp_few_shot'
+    args = tiny_args(tiny_dataset, few_shot, '--no_validation', '--checkpoint_path', str(trained / 'checkpoints'),
+                     '--overwrite_embeddings', '--freeze_networks', '--specific_observation_idcs', '0,1',
+                     '--batch_size_per_img_sidelength', '2,2', '--max_steps_per_img_sidelength', '2,0')
+    args[1] = str(tiny_dataset / 'test')
+    result = torchrun(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fitted = load(checkpoints(few_shot)[-1])['model']
+    assert all(torch.equal(fitted[key], value) for key, value in final['model'].items()
+               if key != 'latent_codes.weight')
+    assert fitted['latent_codes.weight'].shape == (3, 8)
