@@ -146,10 +146,19 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path, mo
 
 
 def test_start_step_beyond_first_stage_goes_to_its_stage(tiny_dataset, tmp_path, capsys):
-    assert train.main(tiny_args(tiny_dataset, tmp_path, '--start_step', '5', '--no_validation')) == 0
+    assert train.main(tiny_args(tiny_dataset, tmp_path, '--start_step', '5', '--no_validation',
+                                '--num_workers', '1')) == 0
     final = load(checkpoints(tmp_path)[-1])
     assert final['step'] == 8 and final['stage'] == 1
     assert 'Stage 1: 6 px' in capsys.readouterr().out
+
+
+def test_bf16_autocast_switch(tiny_dataset, tmp_path):
+    args = tiny_args(tiny_dataset, tmp_path, '--amp', 'bf16', '--max_steps_per_img_sidelength', '2,0')
+    assert train.main(args) == 0
+    final = load(checkpoints(tmp_path)[-1])
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all()
+               for value in final['model'].values() if value.is_floating_point())
 
 
 def test_non_finite_loss_stops_without_a_bad_checkpoint(tiny_dataset, tmp_path, monkeypatch):
