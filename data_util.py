@@ -147,32 +147,78 @@ def _area_weights(in_size, out_size):
     return weights
 
 
+def _block_sum(img, factor, dtype):
+    """Sum of each factor x factor block of an (H, W, C) array, (H/factor, W/factor, C), in ``dtype``.
+
+    Strided adds of whole rows, then whole columns: measured ~6x faster than ``reshape(...).mean((1, 3))``,
+    whose multi-axis reduction is slow in numpy.
+    """
+    height, width, channels = img.shape
+    rows = img.reshape(height // factor, factor, width, channels)
+    acc = rows[:, 0].astype(dtype)  # (H/f, W, C)
+    for i in range(1, factor):
+        acc += rows[:, i]
+    cols = acc.reshape(height // factor, width // factor, factor, channels)
+    out = cols[:, :, 0].copy()  # (H/f, W/f, C)
+    for j in range(1, factor):
+        out += cols[:, :, j]
+    return out
+
+
 def area_resize(img, sidelength):
     """Resize a square (s, s, C) float image to (sidelength, sidelength, C) like cv2.INTER_AREA.
 
-    Integer shrink factors are plain block averages (the common 128 -> 64 case; a reshape-mean, measured
-    several times faster than the general path); other factors use the separable area-weight matrices.
+    Integer shrink factors are plain block averages (the common 128 -> 64 case); other factors apply the
+    separable area weights, rows then columns.
     """
-    in_size = img.shape[0]
+    in_size, _, channels = img.shape
     if img.shape[1] != in_size:
         raise ValueError(f"area_resize expects a square image, got shape {img.shape}")
     if sidelength == in_size:
         return img
     if sidelength < in_size and in_size % sidelength == 0:
         factor = in_size // sidelength
-        blocks = img.reshape(sidelength, factor, sidelength, factor, img.shape[2])
-        return blocks.mean(axis=(1, 3), dtype=np.float32)
-    weights = _area_weights(in_size, sidelength).astype(np.float32)  # (s_out, s_in)
-    rows = np.einsum('oi,iwc->owc', weights, img)  # (s_out, s_in, C)
-    return np.einsum('pj,ojc->opc', weights, rows)  # (s_out, s_out, C)
+        return _block_sum(img, factor, np.float32) / np.float32(factor * factor)
+    index, weights = _area_taps(in_size, sidelength)  # (s_out, T) each
+    # gathers and multiply-adds over the few nonzero taps: no BLAS call, whose threads oversubscribe
+    # DataLoader workers (a dense matmul measured 100x slower on a busy machine)
+    rows = sum(weights[:, t, None, None] * img[index[:, t]] for t in range(index.shape[1]))  # (s_out, s, C)
+    return sum(weights[None, :, t, None] * rows[:, index[:, t]] for t in range(index.shape[1]))  # (s_out, s_out, C)
+
+
+@functools.lru_cache(maxsize=64)
+def _area_taps(in_size, out_size):
+    """The nonzero entries of ``_area_weights`` as (index, weight) arrays, each (out_size, T), T taps."""
+    dense = _area_weights(in_size, out_size)
+    num_taps = int((dense > 0).sum(axis=1).max())
+    index = np.zeros((out_size, num_taps), dtype=np.int64)
+    weights = np.zeros((out_size, num_taps), dtype=np.float32)
+    for i, row in enumerate(dense):
+        nonzero = np.flatnonzero(row)
+        index[i, :len(nonzero)], weights[i, :len(nonzero)] = nonzero, row[nonzero]
+    return index, weights
 
 
 def prepare_rgb(raw, sidelength=None):
-    """Stored image (H, W, 3) uint8/uint16 -> float32 (s, s, 3) in [-1, 1]: crop, area-resize, x2-1."""
-    img = square_crop(to_unit_float(raw))
-    if sidelength is not None:
-        img = area_resize(img, int(sidelength))
-    return img * np.float32(2.) - np.float32(1.)
+    """Stored image (H, W, 3) uint8/uint16 -> float32 (s, s, 3) in [-1, 1]: crop, area-resize, x2-1.
+
+    For integer shrink factors the block sums are taken on the integers and divided once by
+    (255 or 65535)·factor² — equal to the reference's float path within float32 rounding (~1e-7), and
+    white stays exactly 1. This is the per-item cost of a preloaded dataset, hence the care.
+    """
+    img = square_crop(raw)
+    side = img.shape[0]
+    target = side if sidelength is None else int(sidelength)
+    if img.dtype in (np.uint8, np.uint16) and target <= side and side % target == 0:
+        factor = side // target
+        maxval = 255 if img.dtype == np.uint8 else 65535
+        out = _block_sum(img, factor, np.uint32).astype(np.float32) if factor > 1 else img.astype(np.float32)
+        out /= np.float32(maxval * factor * factor)
+    else:
+        out = np.array(area_resize(to_unit_float(img), target), dtype=np.float32)
+    out *= np.float32(2.)
+    out -= np.float32(1.)
+    return out
 
 
 def load_rgb(path, sidelength=None):
