@@ -10,7 +10,7 @@ fix its slow and silent parts (SPEC section 8):
   names the offending path and says what is wrong;
 - ``intrinsics.txt``, poses and params are parsed once, at construction; item lookup is O(log n);
 - ``preload=True`` decodes every selected image once (threads), centre-crops it and keeps it at full
-  resolution in a single shared-memory tensor. Resizing to the current side happens per item (a block mean
+  resolution in a single tensor. Resizing to the current side happens per item (a block mean
   for integer factors), so ``set_img_sidelength`` needs no rebuild, the memory held is bounded by the
   dataset's size on disk once decoded (uint8: H·W·3 bytes per view), and the one buffer is inherited by
   forked DataLoader workers without copies (or shared through shared memory when workers are spawned).
@@ -52,8 +52,8 @@ def _observation_positions(num_views, max_observations, specific_observation_idc
 class _ImageCache:
     """Decoded, centre-cropped images of one dataset in one flat tensor (uint8, or uint16 if any is 16-bit).
 
-    A single tensor keeps forked DataLoader workers on the parent's pages (no per-image Python objects to
-    touch) and, once ``share_memory_()``-ed, crosses to spawned workers as one shared-memory segment.
+    A single tensor keeps forked DataLoader workers on the parent's pages (no per-image Python objects whose
+    reference counts would copy them) and crosses to spawned workers as one shared-memory segment.
     """
 
     def __init__(self, paths, num_threads=None):
@@ -71,9 +71,10 @@ class _ImageCache:
                 img = img.astype(np.uint16) * np.uint16(257)  # u/255 == 257·u/65535 exactly
             buffer[self.offsets[k]:self.offsets[k + 1]] = img.reshape(-1)
         del images
-        # torch < 2.3 has no uint16 tensors: keep 16-bit data as int16 with the same bits (zero-copy view)
+        # torch < 2.3 has no uint16 tensors: keep 16-bit data as int16 with the same bits (zero-copy view).
+        # Not share_memory_()-ed here: forked workers inherit the pages for free, and /dev/shm is often tiny
+        # in containers; spawned workers get it through torch's pickler, which moves it to shared memory.
         self.buffer = torch.from_numpy(buffer.view(np.int16) if self.is_16bit else buffer)
-        self.buffer.share_memory_()
 
     def __len__(self):
         return len(self.shapes)

@@ -163,3 +163,15 @@ def test_observation_index_out_of_range(tmp_path):
     with pytest.raises(ValueError, match=names(root / "obj_00")) as info:
         dataio.SceneClassDataset(str(root), specific_observation_idcs=[1, 3])
     assert "[3]" in str(info.value)
+
+
+def test_preload_serves_workers_from_ram(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=3, side=8)
+    dataset = dataio.SceneClassDataset(str(root), img_sidelength=4, samples_per_instance=1, preload=True)
+    expected = [dataset[i][0][0]["rgb"] for i in range(len(dataset))]
+    for instance in ("obj_00", "obj_01"):  # from here on, only the cache can serve the images
+        for image in (root / instance / "rgb").iterdir():
+            image.unlink()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=dataset.collate_fn)
+    served = torch.cat([observations["rgb"] for observations, _ in loader])
+    assert torch.equal(served, torch.stack(expected))
