@@ -453,10 +453,9 @@ def train(opt):
     is_main = rank == 0
     logging_root = pathlib.Path(opt.logging_root)
     checkpoint_dir, events_dir = logging_root / 'checkpoints', logging_root / 'events'
-    if is_main:
-        check_writable(logging_root)
-        if opt.generate_shepard_metzler:
-            generate_shepard_metzler(opt)
+    check_writable(logging_root)  # on every rank, so that none waits at the barrier for a failed one
+    if is_main and opt.generate_shepard_metzler:
+        generate_shepard_metzler(opt)
     if world_size > 1:
         dist.barrier()
 
