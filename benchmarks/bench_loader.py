@@ -6,6 +6,14 @@ the dataset. Without --data_root it first writes a 128-px Shepard-Metzler datase
 
     python benchmarks/bench_loader.py --num_workers 2
     python benchmarks/bench_loader.py --data_root /data/cars_train --sides 64,128 --num_batches 50
+
+Measured (16-core host, batch 64, 1000 generated 128-px views; images/s):
+    num_workers           side 64: plain / preload    side 128: plain / preload
+    0 (1 core)                   1755 / 2940                 1326 / 2265
+    2 (3 cores)                  1762 / 3443                 1354 / 1885
+    8 (16 cores)                 3452 / 4580                 2437 / 3024
+At 128 px the (N, 2) int64 uv and (N, 3) float32 rgb of each sample (29 MB a batch) crossing from the
+workers dominate; decoding is what preload removes.
 """
 import argparse
 import os
