@@ -14,6 +14,7 @@ Variants:
   compile     float32 with torch.compile
   fast        bfloat16 autocast + torch.compile + TF32 + fused Adam (train.py's --fast)
   fast_cudagraphs  fast, compiled with CUDA graphs (mode='reduce-overhead')
+  *_budget    the same with torch.compile told to recompute activations to half their memory
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import geometry  # noqa: E402
 import srns  # noqa: E402
+import train  # noqa: E402
 
 SETTINGS = {'64px_b64': (64, 64), '128px_b16': (128, 16)}
 VARIANTS = {
@@ -37,6 +39,9 @@ VARIANTS = {
     'compile': dict(amp=None, compile=True, tf32=False),
     'fast': dict(amp=torch.bfloat16, compile=True, tf32=True),
     'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead'),
+    'fast_budget': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
+    'fast_cudagraphs_budget': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
+                                   memory_budget=0.5),
 }
 
 
@@ -77,6 +82,8 @@ def time_cuda(fn, warmup, repeats):
 def bench_variant(name, options, sidelength, batch_size, args):
     torch.backends.cuda.matmul.allow_tf32 = options['tf32']
     torch.backends.cudnn.allow_tf32 = options['tf32']
+    torch._functorch.config.activation_memory_budget = options.get('memory_budget', 1.0)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     device = torch.device('cuda')
     model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10).to(device)
@@ -86,14 +93,10 @@ def bench_variant(name, options, sidelength, batch_size, args):
     forward = torch.compile(model, mode=options.get('compile_mode')) if options['compile'] else model
     amp = options['amp']
 
-    def train_step():
-        with torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
-            prediction = forward(model_input)
-            losses = srns.compute_losses(model, model_input, prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        losses['total_loss'].backward()
-        optimizer.step()
-        return losses
+    loss_weights = {'l1_weight': 200., 'reg_weight': 1e-3, 'kl_weight': 1.}
+
+    def train_step():  # exactly train.py's step
+        return train.train_step(forward, optimizer, model_input, {'rgb': target}, loss_weights, amp_dtype=amp)
 
     def render():
         with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
