@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import configargparse
 import imageio.v3 as iio
@@ -426,6 +427,7 @@ def main(argv=None):
                                                samples_per_instance=1)
         generator = torch.Generator().manual_seed(opt.seed)
         torch.manual_seed(opt.seed)
+        start_time = time.time()
         with tqdm(total=opt.fit_steps, desc='fitting latent codes', disable=opt.no_progress) as bar:
             def progress(step, losses):
                 bar.update(step + 1 - bar.n)
@@ -436,6 +438,8 @@ def main(argv=None):
                                  l1_weight=opt.l1_weight, reg_weight=opt.reg_weight, kl_weight=opt.kl_weight,
                                  device=device, generator=generator, progress=progress)
         model.eval()
+        print(f"fitted {dataset.num_instances} latent codes to views {fit_observation_idcs} in {opt.fit_steps} steps, "
+              f"{time.time() - start_time:.1f} s")
         fitted_path = os.path.join(opt.logging_root, 'checkpoints', 'fitted_latent_codes.pth')
         util.save_checkpoint(fitted_path, model, step=opt.fit_steps, config=vars(opt))
         print(f"fitted codes saved to {fitted_path} (render again with --checkpoint_path {fitted_path})")
