@@ -101,14 +101,18 @@ class HypoNetwork:
 
     def __call__(self, x):  # (B, N, 3) -> (B, N, C)
         for i, (weights, biases, normalize) in enumerate(self.layers):
-            if i == 0:
+            if i == 0 and torch.is_autocast_enabled(x.device.type):
                 # Under mixed precision the input layer still runs in float32: bfloat16 would round
-                # world coordinates to ~1/256 of their size and blur geometry. It is 3 -> C, so cheap.
-                out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                    else x.dtype
+                # world coordinates to ~1/256 of their size and blur geometry. With 3 inputs it is three
+                # multiply-adds per output, written elementwise so that a compiler fuses it with the
+                # LayerNorm that follows instead of writing a float32 (B, N, C) tensor.
+                out_dtype = torch.get_autocast_dtype(x.device.type)
                 with torch.autocast(x.device.type, enabled=False):
-                    x = x.float().matmul(weights.float().transpose(-1, -2)) + biases.float()
-                x = x.to(out_dtype)  # (B, N, C), back to the working precision
+                    weights, x = weights.float(), x.float()  # (B, C, 3), (B, N, 3)
+                    y = biases.float()
+                    for k in range(x.shape[-1]):
+                        y = y + x[..., k:k + 1] * weights[:, None, :, k]  # (B, N, C)
+                x = y.to(out_dtype)
             else:
                 x = x.matmul(weights.transpose(-1, -2)) + biases
             if normalize:

@@ -12,9 +12,10 @@ Variants:
   exact_tf32  float32 storage with TF32 matrix units
   bf16        bfloat16 autocast, eager
   compile     float32 with torch.compile
-  fast        bfloat16 autocast + torch.compile + TF32 + fused Adam (train.py's --fast)
+  fast        bfloat16 autocast + torch.compile recomputing activations (memory budget 0.5) + TF32 +
+              fused Adam: train.py's --fast
+  fast_nobudget    fast without activation recomputation
   fast_cudagraphs  fast, compiled with CUDA graphs (mode='reduce-overhead')
-  *_budget    the same with torch.compile told to recompute activations to half their memory
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import geometry  # noqa: E402
 import srns  # noqa: E402
 import train  # noqa: E402
+import util  # noqa: E402
 
 SETTINGS = {'64px_b64': (64, 64), '128px_b16': (128, 16)}
 VARIANTS = {
@@ -37,11 +39,10 @@ VARIANTS = {
     'exact_tf32': dict(amp=None, compile=False, tf32=True),
     'bf16': dict(amp=torch.bfloat16, compile=False, tf32=True),
     'compile': dict(amp=None, compile=True, tf32=False),
-    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True),
-    'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead'),
-    'fast_budget': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
-    'fast_cudagraphs_budget': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
-                                   memory_budget=0.5),
+    'fast_nobudget': dict(amp=torch.bfloat16, compile=True, tf32=True),
+    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
+    'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
+                            memory_budget=0.5),
 }
 
 
@@ -82,7 +83,6 @@ def time_cuda(fn, warmup, repeats):
 def bench_variant(name, options, sidelength, batch_size, args):
     torch.backends.cuda.matmul.allow_tf32 = options['tf32']
     torch.backends.cudnn.allow_tf32 = options['tf32']
-    torch._functorch.config.activation_memory_budget = options.get('memory_budget', 1.0)
     torch._dynamo.reset()
     torch.manual_seed(0)
     device = torch.device('cuda')
@@ -90,7 +90,8 @@ def bench_variant(name, options, sidelength, batch_size, args):
     fused = options['compile'] or options['amp'] is not None
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused)
     model_input, target = make_batch(sidelength, batch_size, 2433, device)
-    forward = torch.compile(model, mode=options.get('compile_mode')) if options['compile'] else model
+    forward = (util.compile_model(model, options.get('memory_budget', 1.0), mode=options.get('compile_mode'))
+               if options['compile'] else model)
     amp = options['amp']
 
     loss_weights = {'l1_weight': 200., 'reg_weight': 1e-3, 'kl_weight': 1.}
