@@ -126,6 +126,30 @@ def bench_variant(name, options, sidelength, batch_size, args):
     return result
 
 
+def compare_paths(sidelength, batch_size):
+    """Relative L2 error of the fast path's outputs and gradients against the exact float32 path."""
+    torch._dynamo.reset()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10, init_depth_std=0.).cuda()
+    model_input, target = make_batch(sidelength, batch_size, 2433, 'cuda')
+
+    def run(forward, amp):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            rgb, depth = forward(model_input)
+            loss = srns.compute_losses(model, model_input, (rgb, depth), target)['total_loss']
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        return rgb.float().detach(), depth.float().detach(), grads
+
+    exact = run(model, False)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    fast = run(util.compile_model(model, 0.5), True)
+    names = ('rgb', 'depth', 'gradients')
+    return {name: ((f - e).norm() / e.norm()).item() for name, e, f in zip(names, exact, fast)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', default='exact,fast')
@@ -133,6 +157,7 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--out', default='bench.json')
+    parser.add_argument('--compare', action='store_true', help='also compare fast and exact outputs')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py measures GPU throughput: no CUDA device found')
@@ -146,6 +171,9 @@ def main(argv=None):
                   f"{result['train_peak_gib']:5.1f} GiB  render {result['render_ms']:6.1f} ms  "
                   f"(first step {result['first_step_s']:.0f} s)", flush=True)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'results': results}
+    if args.compare:
+        info['fast_vs_exact_relative_error'] = compare_paths(64, 8)
+        print('fast vs exact, relative L2 error:', info['fast_vs_exact_relative_error'])
     pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
     print(f"\n{info['device']}, torch {info['torch']}")
     print(f"{'setting':>10} {'variant':>10} {'train ms':>9} {'Mrays/s':>8} {'peak GiB':>9} {'render ms':>10} {'img/s':>8}")
