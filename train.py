@@ -240,6 +240,17 @@ class EpochSampler(Sampler):
         return max(0, (self.batches_per_epoch - self.start_batch) * self.batch_size)
 
 
+def ignore_interrupts(worker_id):
+    """DataLoader worker init: leave SIGINT/SIGTERM to the main process.
+
+    Ctrl-C and `timeout` signal the whole process group. A worker killed by them makes PyTorch raise
+    from inside whatever the main process is doing (the final checkpoint save included); ignoring the
+    signals lets the main process finish its step, save, and shut the workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def to_device(batch, device):
     """Move a dict of tensors to the device (non-blocking: the loader pins memory on CUDA)."""
     return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
@@ -566,7 +577,8 @@ def train(opt):
     loss_weights = {'l1_weight': opt.l1_weight, 'reg_weight': opt.reg_weight, 'kl_weight': opt.kl_weight}
     num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
     loader_kwargs = dict(num_workers=num_workers, pin_memory=device.type == 'cuda',
-                         persistent_workers=num_workers > 0, collate_fn=dataio.collate_fn)
+                         persistent_workers=num_workers > 0, collate_fn=dataio.collate_fn,
+                         worker_init_fn=ignore_interrupts if num_workers > 0 else None)
     val_loader = None
     if validation:
         val_loader = DataLoader(val_dataset, batch_size=2, shuffle=False, num_workers=0,

@@ -247,16 +247,24 @@ def run_env():
     return env
 
 
-def test_sigterm_saves_and_the_same_command_resumes(tiny_dataset, tmp_path):
-    args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '100000,1', '--no_validation')
+@pytest.mark.parametrize('to_group', [False, True], ids=['process', 'process_group_with_workers'])
+def test_sigterm_saves_and_the_same_command_resumes(tiny_dataset, tmp_path, to_group):
+    # Ctrl-C in a terminal and `timeout` signal the whole process group, DataLoader workers included:
+    # the run must still save its checkpoint.
+    extra = ('--num_workers', '1') if to_group else ()
+    args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '100000,1', '--no_validation', *extra)
     process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *args], cwd=ROOT, env=run_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=to_group)
     events = tmp_path / 'events'
     deadline = time.time() + 120
     while not (events.is_dir() and any(events.iterdir())) and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)  # a few steps
-    process.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert 'Interrupted (SIGTERM)' in stdout
