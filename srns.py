@@ -83,11 +83,13 @@ class SRNsModel(nn.Module):
                     param.requires_grad = False
 
     def get_z(self, model_input, z=None):
-        """The batch's latent codes (B, L), or None in single-scene mode."""
+        """The batch's latent codes (B, L): ``z`` if given, else ``param`` or the table's; None for one scene."""
         if self.fit_single_srn:
             return None
+        if z is not None:  # explicit codes: fitting, interpolation
+            return z
         if self.has_params:
-            return model_input['param'] if z is None else z
+            return model_input['param']
         return self.latent_codes(model_input['instance_idx'].long())
 
     def get_phi(self, z):
@@ -99,7 +101,7 @@ class SRNsModel(nn.Module):
 
         :param model_input: dict with ``instance_idx`` (B,), ``pose`` (B, 4, 4) cam2world, ``intrinsics``
             (B, 4, 4), ``uv`` (B, N, 2) and, with has_params, ``param`` (B, L)
-        :param z: optional latent codes (B, L) overriding ``param`` (has_params mode)
+        :param z: optional latent codes (B, L) used instead of the table's (or ``param``)
         :return: rgb (B, N, 3) and depth (B, N, 1); with ``return_trace`` also the per-step depths
         """
         cam2world = model_input['pose']

@@ -139,6 +139,14 @@ def test_has_params_uses_batch_params_and_explicit_z():
     assert losses['latent_loss'].item() == pytest.approx(batch['param'].pow(2).mean().item())
 
 
+def test_explicit_z_overrides_the_latent_table():
+    model = srns.SRNsModel(3, 8, 2, init_depth_std=0.)
+    batch = tiny_batch()
+    codes = model.latent_codes(batch['instance_idx'].long())
+    assert torch.allclose(model(batch)[0], model(batch, z=codes)[0])
+    assert not torch.allclose(model(batch)[0], model(batch, z=codes + 1.)[0])
+
+
 def test_initial_depth_noise_is_settable():
     batch = tiny_batch()
     model = srns.SRNsModel(3, 8, 2, init_depth_std=0.).eval()
