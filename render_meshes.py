@@ -79,25 +79,6 @@ _MAX_FRAGMENTS = 1 << 21  # fragments rasterised per chunk: bounds memory at abo
 # --- Meshes --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-
-def _depth_test(key, row, x, y, tri, ids, side, eps):
-    """Z-buffer samples into ``key`` (s*s,) int64: keeps, per pixel, the nearest (depth bits << 32 | face id).
-
-    :param row: (K, >=9) per-sample triangle rows: barycentric planes b1 (0-2), b2 (3-5), 1/z at the corners (6-8)
-    :param x, y: (K,) sample column and row; tri: (K,) triangle of each sample; ids: its int64 face ids
-    """
-    b1 = row[:, 0] * x + row[:, 1] * y + row[:, 2]
-    b2 = row[:, 3] * x + row[:, 4] * y + row[:, 5]
-    b0 = 1.0 - b1 - b2
-    inside = (b0 >= eps) & (b1 >= eps) & (b2 >= eps)
-    # Screen-space linear 1/z: perspective-correct depth.
-    depth = 1.0 / (b0 * row[:, 6] + b1 * row[:, 7] + b2 * row[:, 8])
-    inside &= depth > 0
-    depth_bits = depth[inside].float().view(torch.int32).long()
-    fragment_key = (depth_bits << 32) | ids[tri[inside]]
-    pixel = y[inside].long() * side + x[inside].long()
-    key.scatter_reduce_(0, pixel, fragment_key, reduce='amin')
-
 class MeshData:
     """A triangle soup with its appearance, in the normalised z-up world frame (numpy).
 
@@ -291,6 +272,25 @@ def normalize_mesh(mesh, up='y', crease_angle=45.0):
 
 
 # --- Rasteriser ----------------------------------------------------------------------------------
+
+def _depth_test(key, row, x, y, tri, ids, side, eps):
+    """Z-buffer samples into ``key`` (s*s,) int64: keeps, per pixel, the nearest (depth bits << 32 | face id).
+
+    :param row: (K, >=9) per-sample triangle rows: barycentric planes b1 (0-2), b2 (3-5), 1/z at the corners (6-8)
+    :param x, y: (K,) sample column and row; tri: (K,) triangle of each sample; ids: its int64 face ids
+    """
+    b1 = row[:, 0] * x + row[:, 1] * y + row[:, 2]
+    b2 = row[:, 3] * x + row[:, 4] * y + row[:, 5]
+    b0 = 1.0 - b1 - b2
+    inside = (b0 >= eps) & (b1 >= eps) & (b2 >= eps)
+    # Screen-space linear 1/z: perspective-correct depth.
+    depth = 1.0 / (b0 * row[:, 6] + b1 * row[:, 7] + b2 * row[:, 8])
+    inside &= depth > 0
+    depth_bits = depth[inside].float().view(torch.int32).long()
+    fragment_key = (depth_bits << 32) | ids[tri[inside]]
+    pixel = y[inside].long() * side + x[inside].long()
+    key.scatter_reduce_(0, pixel, fragment_key, reduce='amin')
+
 
 class MeshRenderer:
     """Rasterises one normalised MeshData on a torch device; ``render`` gives rgb and depth of a view.
