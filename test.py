@@ -188,15 +188,6 @@ def build_model(opt, num_instances, embedding_size):
                           use_unet_renderer=opt.use_unet_renderer, init_depth_std=opt.init_depth_std)
 
 
-def render_with_codes(model, model_input, z):
-    """Render a batch with explicit latent codes z (B, L), whatever the model's mode (interpolation)."""
-    phi = model.get_phi(z)
-    uv = model_input['uv'].to(model_input['pose'].dtype)  # (B, N, 2)
-    points_xyz, depth = model.ray_marcher(cam2world=model_input['pose'], phi=phi, uv=uv,
-                                          intrinsics=model_input['intrinsics'])[:2]
-    return model.pixel_generator(phi(points_xyz)), depth  # (B, N, 3), (B, N, 1)
-
-
 # --- Images, depth, point clouds, videos ----------------------------------------------------------
 
 # Anchors of the perceptually uniform 'viridis' colour map (near = dark purple, far = yellow).
@@ -327,7 +318,7 @@ def render_frames(model, poses, intrinsics, sidelength, z, batch_size, device):
         model_input = {'pose': pose, 'intrinsics': intrinsics.to(device).expand(len(pose), 4, 4),
                        'uv': uv.expand(len(pose), -1, -1)}
         z_batch = None if z is None else z[start:start + batch_size]
-        rgb, _ = render_with_codes(model, model_input, z_batch)  # (B, N, 3)
+        rgb, _ = model(model_input, z=z_batch)  # (B, N, 3)
         images = geometry.lin2img(rgb).permute(0, 2, 3, 1)  # (B, s, s, 3)
         frames.extend(util.to_uint8_image(image) for image in images)
     return np.stack(frames)
