@@ -51,22 +51,9 @@ import srns
 import util
 
 
-class ConfigFileParser(configargparse.DefaultConfigFileParser):
-    """ConfigArgParse's ``key: value`` files, with empty values treated as unset.
-
-    The reference's shipped configs leave values empty (``checkpoint:``), sometimes followed by a
-    comment, which ConfigArgParse would pass on as '' or as the comment text (SPEC section 6).
-    """
-
-    def parse(self, stream):
-        items = super().parse(stream)
-        return type(items)((key, value) for key, value in items.items()
-                           if not (isinstance(value, str) and (not value.strip() or value.strip().startswith('#'))))
-
-
 def get_parser():
     """The command line: the reference's flags and defaults (SPEC section 6), then ours."""
-    p = configargparse.ArgumentParser(config_file_parser_class=ConfigFileParser,
+    p = configargparse.ArgumentParser(config_file_parser_class=util.ConfigFileParser,
                                       description=__doc__.split('\n')[0])
     p.add_argument('-c', '--config_filepath', is_config_file=True, help='config file path')
 

@@ -48,22 +48,9 @@ SCALAR_NAMES = ('scaled_distortion_loss', 'scaled_regularization_loss', 'scaled_
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-class ConfigFileParser(configargparse.DefaultConfigFileParser):
-    """ConfigArgParse's ``key: value`` syntax, except that an empty value leaves the option unset.
-
-    (ConfigArgParse reads ``checkpoint:   # comment`` as the value '# comment'; the reference's shipped
-    test configs rely on that line meaning "no checkpoint".)
-    """
-
-    def parse(self, stream):
-        items = super().parse(stream)
-        return {key: value for key, value in items.items()
-                if not (isinstance(value, str) and (value.strip() == '' or value.lstrip().startswith('#')))}
-
-
 def get_parser():
     """The reference's flags with their names and defaults (SPEC section 6), then ours."""
-    p = configargparse.ArgumentParser(config_file_parser_class=ConfigFileParser,
+    p = configargparse.ArgumentParser(config_file_parser_class=util.ConfigFileParser,
                                       description="Train a Scene Representation Network.")
     p.add('-c', '--config_filepath', required=False, is_config_file=True, help='Path to a config file.')
 

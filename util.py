@@ -9,11 +9,26 @@ import os
 import pathlib
 import tempfile
 
+import configargparse
 import numpy as np
 import torch
 
 LATENT_CODES_KEY = 'latent_codes.weight'
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel, torch.compile
+
+
+class ConfigFileParser(configargparse.DefaultConfigFileParser):
+    """ConfigArgParse's ``key: value`` config files, except that an empty value leaves the option unset.
+
+    ConfigArgParse passes ``checkpoint:`` on as '' and ``checkpoint:   # comment`` as the comment text;
+    the reference's shipped test configs rely on such lines meaning "no value" (SPEC section 6).
+    Used by train.py and test.py.
+    """
+
+    def parse(self, stream):
+        items = super().parse(stream)
+        return type(items)((key, value) for key, value in items.items()
+                           if not (isinstance(value, str) and (not value.strip() or value.strip().startswith('#'))))
 
 
 def cond_mkdir(path):
