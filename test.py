@@ -379,6 +379,7 @@ def main(argv=None):
     if opt.use_unet_renderer and opt.img_sidelength != 128:
         raise ValueError(f"--img_sidelength {opt.img_sidelength}: the U-Net renderer works at 128 only")
     device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    util.set_tf32(False)  # float32 throughout, as the reference computed it
 
     _prepare_logging_root(opt.logging_root, opt.overwrite)
     with open(os.path.join(opt.logging_root, 'params.txt'), 'w') as file:

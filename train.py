@@ -455,10 +455,8 @@ def train(opt):
 
     rank, world_size, device = setup_distributed(opt)
     is_main = rank == 0
-    if opt.fast and device.type == 'cuda':
-        # What stays float32 under --fast (the input layer, step lengths, geometry) may use TF32 matmuls.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # What stays float32 under --fast (the input layer, step lengths, geometry) may use TF32; the exact path not.
+    util.set_tf32(opt.fast)
     logging_root = pathlib.Path(opt.logging_root)
     checkpoint_dir, events_dir = logging_root / 'checkpoints', logging_root / 'events'
     check_writable(logging_root)  # on every rank, so that none waits at the barrier for a failed one

@@ -14,6 +14,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """The exact path's numerics (what train.py without --fast and test.py set): no TF32, also not in cuDNN."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    util.set_tf32(False)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def build_from_config(config, **overrides):
     kwargs = dict(num_instances=config.get('num_instances', 1), latent_dim=config.get('latent_dim', 256),
                   tracing_steps=config.get('tracing_steps', 10), has_params=config.get('has_params', False),
@@ -33,7 +42,8 @@ def test_state_dict_matches_reference_manifest(reference_fixtures, configuration
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('name', ['hypernet', 'single_scene'])
-def test_forward_losses_and_gradients_match_reference(reference_fixtures, name, device):
+def test_forward_losses_and_gradients_match_reference(reference_fixtures, name, device, record_property):
+    # The measured errors go to the JUnit XML report (pytest --junitxml=...) as properties.
     golden = torch.load(reference_fixtures / name / 'golden.pt', map_location='cpu', weights_only=True)
     config = golden['config']
     model = build_from_config(config, init_depth_std=config['init_depth_std'])
@@ -43,12 +53,18 @@ def test_forward_losses_and_gradients_match_reference(reference_fixtures, name, 
 
     rgb, depth = model(model_input)
     assert rgb.shape == golden['rgb'].shape and depth.shape == golden['depth'].shape
-    assert (rgb.cpu() - golden['rgb']).abs().max() <= 1e-4
-    assert (depth.cpu() - golden['depth']).abs().max() <= 1e-4
+    rgb_error, depth_error = (rgb.cpu() - golden['rgb']).abs().max(), (depth.cpu() - golden['depth']).abs().max()
+    record_property('rgb_max_abs_error', f"{rgb_error:.3g}")
+    record_property('depth_max_abs_error', f"{depth_error:.3g}")
+    assert rgb_error <= 1e-4
+    assert depth_error <= 1e-4
 
     weights = config['loss_weights']
     losses = srns.compute_losses(model, model_input, (rgb, depth), golden['target_rgb'].to(device),
                                  l1_weight=weights['img'], reg_weight=weights['depth'], kl_weight=weights['latent'])
+    loss_errors = {key: abs(losses[key].item() / float(golden[key]) - 1) if float(golden[key]) else
+                   abs(losses[key].item()) for key in ('image_loss', 'depth_reg_loss', 'latent_loss', 'total_loss')}
+    record_property('loss_max_rel_error', f"{max(loss_errors.values()):.3g}")
     for key in ('image_loss', 'depth_reg_loss', 'latent_loss', 'total_loss'):
         expected = float(golden[key])
         assert losses[key].item() == pytest.approx(expected, rel=1e-4, abs=1e-12), key
@@ -56,13 +72,16 @@ def test_forward_losses_and_gradients_match_reference(reference_fixtures, name, 
     losses['total_loss'].backward()
     grads = {name: param.grad for name, param in model.named_parameters()}
     assert set(grads) == set(golden['grad_norms'])
+    grad_errors = [abs(grads[key].norm().item() / float(value) - 1)
+                   for key, value in golden['grad_norms'].items() if float(value)]
+    record_property('grad_norm_max_rel_error', f"{max(grad_errors):.3g}")
     for param_name, expected in golden['grad_norms'].items():
         got = grads[param_name].norm().item()
         assert got == pytest.approx(float(expected), rel=1e-3, abs=1e-8), param_name
 
 
 @pytest.mark.parametrize('device', DEVICES)
-def test_unet_renderer_matches_reference(reference_fixtures, device):
+def test_unet_renderer_matches_reference(reference_fixtures, device, record_property):
     fixture = torch.load(reference_fixtures / 'unet_renderer' / 'unet_renderer.pt', map_location='cpu',
                          weights_only=True)
     config = fixture['config']
@@ -72,7 +91,9 @@ def test_unet_renderer_matches_reference(reference_fixtures, device):
     renderer.eval().to(device)
     with torch.no_grad():
         output = renderer(fixture['input'].to(device))
-    assert (output.cpu() - fixture['output']).abs().max() <= 1e-4
+    error = (output.cpu() - fixture['output']).abs().max()
+    record_property('max_abs_error', f"{error:.3g}")
+    assert error <= 1e-4
 
 
 def test_reference_checkpoint_with_optimizer_loads(reference_fixtures):

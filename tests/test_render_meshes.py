@@ -23,6 +23,7 @@ import render_meshes  # noqa: E402
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 QUADRANTS = {(0.25, 0.75): RED, (0.75, 0.75): GREEN, (0.25, 0.25): BLUE, (0.75, 0.25): YELLOW}
 UP_Y_TO_Z = np.array([[1., 0., 0.], [0., 0., -1.], [0., 1., 0.]])  # the documented --up y rotation
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
 def cube_faces():
@@ -88,9 +89,10 @@ def camera_rays(cam2world, sidelength):
     return cam2world[:3, 3], directions_cam @ cam2world[:3, :3].T
 
 
-def test_sphere_depth_matches_analytic(tmp_path):
+@pytest.mark.parametrize('device', DEVICES)
+def test_sphere_depth_matches_analytic(tmp_path, device):
     path, sphere = write_sphere(tmp_path / 'meshes')
-    summary = render(tmp_path / 'meshes', tmp_path / 'out')
+    summary = render(tmp_path / 'meshes', tmp_path / 'out', device=device)
     assert summary['rendered'] == 3 and not summary['failures']
     # Normalisation: centred bounding box, diagonal 1.
     low, high = sphere.vertices.min(0), sphere.vertices.max(0)
@@ -131,11 +133,12 @@ def textured_cube_variants(tmp_path):
     return {'obj': obj.parent, 'glb': glb_dir}
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('kind', ['obj', 'glb'])
-def test_texture_colours_land_where_they_project(tmp_path, kind):
+def test_texture_colours_land_where_they_project(tmp_path, kind, device):
     mesh_dir = textured_cube_variants(tmp_path)[kind]
     side = 64
-    render(mesh_dir, tmp_path / 'out', sidelength=side, num_train_views=4, shading='unlit')
+    render(mesh_dir, tmp_path / 'out', sidelength=side, num_train_views=4, shading='unlit', device=device)
     focal, cx, cy = render_meshes.camera_intrinsics(side)
     instance = tmp_path / 'out' / 'train' / 'cube'
     checked = 0

@@ -153,6 +153,15 @@ def test_start_step_beyond_first_stage_goes_to_its_stage(tiny_dataset, tmp_path,
     assert 'Stage 1: 6 px' in capsys.readouterr().out
 
 
+def test_exact_path_forbids_tf32(tiny_dataset, tmp_path, monkeypatch):
+    # PyTorch allows TF32 in cuDNN convolutions by default; the exact path must not (the U-Net renderer's parity).
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    assert train.main(tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '2,0',
+                                '--no_validation')) == 0
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_bf16_autocast_switch(tiny_dataset, tmp_path):
     args = tiny_args(tiny_dataset, tmp_path, '--amp', 'bf16', '--max_steps_per_img_sidelength', '2,0')
     assert train.main(args) == 0
