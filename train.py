@@ -31,6 +31,7 @@ import random
 import signal
 import sys
 import threading
+import time
 
 import configargparse
 import numpy as np
@@ -45,6 +46,9 @@ import util
 # Per-step scalars, in the order of the stacked tensor that is buffered on the device between log steps.
 SCALAR_NAMES = ('scaled_distortion_loss', 'scaled_regularization_loss', 'scaled_latent_loss', 'total_loss',
                 'out_min', 'out_max', 'trgt_min', 'trgt_max', 'latent_reg_loss', 'embed_min', 'embed_max')
+# Under torchrun each logged scalar is reduced over the ranks: losses averaged (the loss of the whole batch),
+# extremes by min or max.
+SCALAR_REDUCTIONS = ('mean', 'mean', 'mean', 'mean', 'min', 'max', 'min', 'max', 'mean', 'min', 'max')
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -380,6 +384,18 @@ def find_resumable_checkpoint(checkpoint_dir):
 
 # --- Distributed ----------------------------------------------------------------------------------------
 
+def reduce_scalars(values, world_size):
+    """(k, len(SCALAR_NAMES)) per-rank scalars -> the same over all ranks (one all-gather; collective)."""
+    if world_size == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(world_size)]
+    dist.all_gather(gathered, values.contiguous())
+    gathered = torch.stack(gathered)  # (world_size, k, len(SCALAR_NAMES))
+    mean, low, high = gathered.mean(0), gathered.amin(0), gathered.amax(0)
+    columns = {'mean': mean, 'min': low, 'max': high}
+    return torch.stack([columns[how][:, i] for i, how in enumerate(SCALAR_REDUCTIONS)], dim=1)
+
+
 def setup_distributed(opt):
     """(rank, world size, device); initialises the process group under torchrun."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -600,11 +616,18 @@ def train(opt):
     loader, loader_iter, sampler, stage = None, None, None, None
     exit_code, last_checkpoint = 0, None
 
+    timer = {'time': None, 'step': None}  # wall clock at the last flush, for steps_per_second
+
     def flush_scalars():
-        """One host sync: write the buffered per-step scalars; return the first non-finite step, if any."""
+        """One host sync: write the buffered per-step scalars (reduced over ranks under torchrun) and the
+        throughput since the last flush; return the first non-finite step, if any."""
         if not buffered:
             return None
-        values = torch.stack(buffered).cpu()  # (k, len(SCALAR_NAMES))
+        values = reduce_scalars(torch.stack(buffered), world_size).cpu()  # (k, len(SCALAR_NAMES))
+        now = time.perf_counter()
+        if writer is not None and timer['time'] is not None and step > timer['step']:
+            writer.add_scalar('steps_per_second', (step - timer['step']) / (now - timer['time']), step)
+        timer['time'], timer['step'] = now, step
         bad = None
         for row, logged_step in zip(values, buffered_steps):
             if not torch.isfinite(row[:4]).all():
@@ -704,6 +727,8 @@ def train(opt):
             writer.close()
         loader_iter = loader = None
         if world_size > 1 and dist.is_initialized():
+            # DDP holds the process group: release it first, or its threads may still run at exit (abort).
+            train_model = None
             dist.destroy_process_group()
     if exit_code:
         raise SystemExit(exit_code)

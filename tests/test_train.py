@@ -139,6 +139,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path, mo
         assert name in tags['scalars']
     assert [e.step for e in events.Scalars('val_psnr')] == [0, 3, 6]
     assert {'val_dist_loss', 'val_ssim'} <= set(tags['scalars'])
+    rates = events.Scalars('steps_per_second')  # from the second log step on (steps_til_log 2)
+    assert [e.step for e in rates] == [4, 6, 8] and all(e.value > 0 for e in rates)
     assert {'Output_vs_gt', 'pred_depth', 'normals', 'error', 'raymarch_progress'} <= set(tags['images'])
     assert (full / 'params.txt').read_text().count('\n') == len(vars(train.get_parser().parse_args(
         tiny_args(tiny_dataset, full))))
@@ -250,6 +252,29 @@ def test_clear_errors_before_training(tiny_dataset, tmp_path):
 
 
 # --- Subprocesses: a real SIGTERM, torchrun ---------------------------------------------------------
+
+def _reduce_scalars_worker(rank, init_file, out_file):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    # 2 buffered steps per rank; the value encodes (rank, step, column).
+    values = torch.tensor([[100.0 * rank + 10 * k + i for i in range(len(train.SCALAR_NAMES))] for k in range(2)])
+    reduced = train.reduce_scalars(values, 2)
+    if rank == 0:
+        torch.save(reduced, out_file)
+    dist.destroy_process_group()
+
+
+def test_logged_scalars_are_reduced_over_ranks(tmp_path):
+    # Under torchrun rank 0 logs the loss of the whole batch (mean over ranks) and the extremes over ranks.
+    torch.multiprocessing.spawn(_reduce_scalars_worker, args=(str(tmp_path / 'init'), str(tmp_path / 'out.pt')),
+                                nprocs=2)
+    reduced = torch.load(tmp_path / 'out.pt')
+    for i, how in enumerate(train.SCALAR_REDUCTIONS):
+        expected = {'mean': 50.0, 'min': 0.0, 'max': 100.0}[how] + 10 * torch.arange(2.0) + i
+        torch.testing.assert_close(reduced[:, i], expected, msg=train.SCALAR_NAMES[i])
+    assert [train.SCALAR_REDUCTIONS[train.SCALAR_NAMES.index(name)] for name in
+            ('total_loss', 'out_min', 'trgt_max', 'latent_reg_loss')] == ['mean', 'min', 'max', 'mean']
+
 
 def run_env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
