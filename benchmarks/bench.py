@@ -81,8 +81,7 @@ def time_cuda(fn, warmup, repeats):
 
 
 def bench_variant(name, options, sidelength, batch_size, args):
-    torch.backends.cuda.matmul.allow_tf32 = options['tf32']
-    torch.backends.cudnn.allow_tf32 = options['tf32']
+    util.set_tf32(options['tf32'])
     torch._dynamo.reset()
     torch.manual_seed(0)
     device = torch.device('cuda')
@@ -129,7 +128,7 @@ def bench_variant(name, options, sidelength, batch_size, args):
 def compare_paths(sidelength, batch_size):
     """Relative L2 error of the fast path's outputs and gradients against the exact float32 path."""
     torch._dynamo.reset()
-    torch.backends.cuda.matmul.allow_tf32 = False
+    util.set_tf32(False)
     torch.manual_seed(0)
     model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10, init_depth_std=0.).cuda()
     model_input, target = make_batch(sidelength, batch_size, 2433, 'cuda')
@@ -144,7 +143,7 @@ def compare_paths(sidelength, batch_size):
         return rgb.float().detach(), depth.float().detach(), grads
 
     exact = run(model, False)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    util.set_tf32(True)
     fast = run(util.compile_model(model, 0.5), True)
     names = ('rgb', 'depth', 'gradients')
     return {name: ((f - e).norm() / e.norm()).item() for name, e, f in zip(names, exact, fast)}

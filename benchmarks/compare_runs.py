@@ -19,6 +19,9 @@ import sys
 import numpy as np
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import train  # noqa: E402
+
 
 def read_scalars(run):
     """{tag: (steps, values)} from ``run/events``."""
@@ -40,10 +43,9 @@ def run_setup(run):
     if not checkpoints:
         raise SystemExit(f"compare_runs.py: error: {run}/checkpoints: no checkpoint (did the run finish?)")
     checkpoint = torch.load(checkpoints[-1], map_location='cpu', weights_only=False, mmap=True)
-    config, stage = checkpoint['config'], checkpoint.get('stage', 0)
-    batch = int(str(config['batch_size_per_img_sidelength']).split(',')[stage])
-    side = int(str(config['img_sidelengths']).split(',')[stage])
-    return checkpoint.get('world_size', 1), batch, side
+    sidelengths, batch_sizes, _ = train.schedule_from_opt(argparse.Namespace(**checkpoint['config']))
+    stage = checkpoint.get('stage', 0)
+    return checkpoint.get('world_size', 1), batch_sizes[stage], sidelengths[stage]
 
 
 def summarize(run, skip):
