@@ -16,7 +16,7 @@ and, beyond the reference:
     metrics_per_image.csv   instance, instance_name, view, k, psnr, ssim, split ('fitted' / 'held_out')
     metrics.json            the same per image, means per instance, and means over all, held-out and fitted views
     depth/<inst>/<k>.png    rendered camera depth, 16-bit PNG of round(depth * 1000)   (--save_depth)
-    depth/<inst>/<k>_preview.png   the same, colour-mapped for viewing
+    depth/<inst>/<k>_preview.png   the same, colour-mapped, background white, with a labelled colour bar
     normals/<inst>/<k>.png  camera-space normals as (n + 1) / 2                         (--save_normals)
     point_clouds/<inst>.ply coloured points fused from the rendered depth of all views  (--point_cloud)
     turntable/<inst>.gif    the object rendered along a camera orbit (.mp4 too when an encoder is installed)
@@ -176,25 +176,6 @@ def build_model(opt, num_instances, embedding_size):
 
 
 # --- Images, depth, point clouds, videos ----------------------------------------------------------
-
-# Anchors of the perceptually uniform 'viridis' colour map (near = dark purple, far = yellow).
-_VIRIDIS = np.array([[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142], [31, 158, 137],
-                     [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]], dtype=np.float64) / 255.
-
-
-def colorize_depth(depth, foreground):
-    """(s, s) depth -> (s, s, 3) uint8 preview: viridis over the foreground's depth range, white background."""
-    image = np.ones(depth.shape + (3,))
-    if foreground.any():
-        values = depth[foreground]
-        near, far = np.percentile(values, 1), np.percentile(values, 99)
-        t = np.clip((depth - near) / max(far - near, 1e-8), 0., 1.) * (len(_VIRIDIS) - 1)
-        low = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
-        frac = (t - low)[..., None]
-        colored = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
-        image[foreground] = colored[foreground]
-    return np.round(image * 255).astype(np.uint8)
-
 
 def foreground_mask(rgb, threshold):
     """(..., N, 3) colours in [-1, 1] -> (..., N) bool: not the white background (some channel darker than
@@ -357,14 +338,30 @@ def _instance_name(dataset, instance):
 
 
 def _prepare_logging_root(logging_root, overwrite):
+    """Check that ``logging_root`` may receive results and can be written; nothing is written yet."""
     if os.path.exists(os.path.join(logging_root, 'results.txt')) and not overwrite:
         raise FileExistsError(f"{logging_root}: already holds results.txt; pass --overwrite to replace the "
                               f"results, or choose another --logging_root")
-    util.cond_mkdir(logging_root)
+    try:
+        util.cond_mkdir(logging_root)
+        probe = os.path.join(logging_root, f'.write_test_{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"{logging_root}: cannot write the results here ({error.strerror or error}); "
+                          f"choose another --logging_root") from None
+
+
+class OutputError(OSError):
+    """The output folder cannot be written."""
 
 
 def main(argv=None):
-    """Run the evaluation; returns the summary dict (means over all / held-out / fitted views, per instance)."""
+    """Run the evaluation; returns the summary dict (means over all / held-out / fitted views, per instance).
+
+    Every input (flags, dataset, checkpoint) is checked before anything is written to ``--logging_root``.
+    """
     opt = get_parser().parse_args(argv)
     specific_observation_idcs = parse_index_list(opt.specific_observation_idcs, '--specific_observation_idcs')
     fit_observation_idcs = parse_index_list(opt.fit_observation_idcs, '--fit_observation_idcs')
@@ -381,10 +378,6 @@ def main(argv=None):
     device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     util.set_tf32(False)  # float32 throughout, as the reference computed it
 
-    _prepare_logging_root(opt.logging_root, opt.overwrite)
-    with open(os.path.join(opt.logging_root, 'params.txt'), 'w') as file:
-        file.write('\n'.join(f"{key}: {value}" for key, value in sorted(vars(opt).items())) + '\n')
-
     dataset = dataio.SceneClassDataset(root_dir=opt.data_root, img_sidelength=opt.img_sidelength,
                                        max_num_instances=opt.max_num_instances,
                                        specific_observation_idcs=specific_observation_idcs,
@@ -395,6 +388,17 @@ def main(argv=None):
     model = build_model(opt, num_instances, embedding_size)
     util.load_checkpoint(checkpoint['path'], model, overwrite_embeddings=opt.fit_steps > 0)
     model.to(device).eval()
+
+    _prepare_logging_root(opt.logging_root, opt.overwrite)
+    with util.RunLock(opt.logging_root, what='test.py'):
+        return _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs,
+                    interpolate, device)
+
+
+def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs, interpolate,
+         device):
+    with open(os.path.join(opt.logging_root, 'params.txt'), 'w') as file:
+        file.write('\n'.join(f"{key}: {value}" for key, value in sorted(vars(opt).items())) + '\n')
     print(f"{checkpoint['path']}: {num_instances} latent codes of size {embedding_size}; "
           f"{dataset.num_instances} instances, {len(dataset)} views of {opt.data_root} at {opt.img_sidelength} px "
           f"on {device}")
@@ -440,7 +444,22 @@ def main(argv=None):
         if part['num_views']:
             print(f"{key.replace('_', ' ')}: PSNR {part['psnr']:.4f} dB, SSIM {part['ssim']:.4f} "
                   f"over {part['num_views']} views")
+    print_outputs(opt.logging_root)
     return summary
+
+
+def print_outputs(logging_root):
+    """Say where the results and pictures are (the folders this run wrote, with their file counts)."""
+    print(f"Results in {logging_root}: results.txt, metrics.json, metrics_per_image.csv")
+    described = {'renderings': 'the rendered views', 'gt_comparisons': 'normals | prediction | target',
+                 'depth': 'depth maps (16-bit) and *_preview.png', 'normals': 'normal maps',
+                 'point_clouds': 'coloured point clouds (.ply)', 'turntable': 'turntable videos',
+                 'interpolation': 'latent-code interpolation videos'}
+    for name, what in described.items():
+        folder = os.path.join(logging_root, name)
+        if os.path.isdir(folder):
+            count = sum(len(files) for _, _, files in os.walk(folder))
+            print(f"  {folder}/  {what} ({count} files)")
 
 
 def evaluate(opt, model, dataset, fit_observation_idcs, device):
@@ -493,7 +512,7 @@ def evaluate(opt, model, dataset, fit_observation_idcs, device):
                 # the 16-bit format holds 0 ... 65.535 scene units; rays that end behind the camera read 0
                 data_util.write_depth(os.path.join(opt.logging_root, 'depth', folders[instance], name),
                                       np.clip(depth_image, 0., 65535 / data_util.DEPTH_SCALE))
-                preview = colorize_depth(depth_image, foreground[b].reshape(side, side).cpu().numpy())
+                preview = util.colorize_depth(depth_image, foreground[b].reshape(side, side).cpu().numpy())
                 data_util.write_image(os.path.join(opt.logging_root, 'depth', folders[instance],
                                                    '%06d_preview.png' % k), preview)
             if opt.save_normals:
@@ -562,8 +581,19 @@ def write_interpolation(opt, model, dataset, pair, device):
     write_video(os.path.join(opt.logging_root, 'interpolation', '%06d_%06d' % tuple(pair)), frames, opt.fps)
 
 
-if __name__ == '__main__':
+def cli(argv=None):
+    """The command line: errors in the inputs or the environment end in one line and a non-zero exit code."""
     try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        sys.exit(f"error: {error}")
+        main(argv)
+    except KeyboardInterrupt:
+        sys.exit("test.py: interrupted; the results written so far are incomplete")
+    except (ValueError, OSError, util.RunLockedError) as error:
+        if isinstance(error, OSError) and not isinstance(error, util.CheckpointWriteError) \
+                and error.filename is None and error.strerror:
+            error = f"writing the results: {error.strerror}"  # a failed write that names no file
+        sys.exit(f"test.py: error: {error}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -132,7 +132,21 @@ def get_parser():
 # --- Configuration ------------------------------------------------------------------------------------
 
 class SetupError(Exception):
-    """A problem with the inputs, found before training starts."""
+    """A problem with the inputs or the environment: reported in one line, without a traceback."""
+
+
+def data_error_message(error):
+    """The one-line message of a dataset error, also when a DataLoader worker re-raised it.
+
+    A worker's exception reaches the main process as the same type whose text is the worker's whole
+    traceback ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."); its last line
+    is the original message, which names the file.
+    """
+    text = str(error).strip()
+    if text.startswith('Caught ') and 'Traceback' in text:
+        text = text.splitlines()[-1]
+        text = text.split(': ', 1)[1] if text.startswith(type(error).__name__) and ': ' in text else text
+    return text
 
 
 def parse_int_list(text, name):
@@ -352,6 +366,12 @@ def log_images(writer, step, model, model_input, ground_truth, losses, num_image
 
 # --- Checkpoints and resuming ---------------------------------------------------------------------------
 
+def newest_checkpoint(checkpoint_dir):
+    """The newest checkpoint file in ``checkpoint_dir`` by name, or a phrase saying there is none."""
+    candidates = sorted(pathlib.Path(checkpoint_dir).glob('*.pth'))
+    return str(candidates[-1]) if candidates else f"none (no checkpoint in {checkpoint_dir} yet)"
+
+
 def rng_state():
     """torch, CUDA, numpy and Python RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
@@ -374,12 +394,58 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def find_resumable_checkpoint(checkpoint_dir):
-    """The newest checkpoint (last by name) written by this train.py, or None."""
-    candidates = sorted(pathlib.Path(checkpoint_dir).glob('*.pth'))
-    if not candidates:
-        return None
-    return candidates[-1]
+def find_resumable_checkpoint(checkpoint_dir, set_aside_unreadable=True):
+    """(path, checkpoint dict) of the newest readable checkpoint (last by name) in ``checkpoint_dir``, or None.
+
+    A checkpoint that cannot be read (truncated by a full disk or a copy, overwritten) does not stop the
+    run: it is renamed to ``<name>.corrupt`` (kept for inspection, and no longer the newest) with a warning,
+    and the previous one is tried. Checkpoints are written atomically, so this takes a fault from outside.
+    """
+    for path in reversed(sorted(pathlib.Path(checkpoint_dir).glob('*.pth'))):
+        try:
+            checkpoint = util.read_checkpoint(path, map_location='cpu')
+        except ValueError as error:
+            if not set_aside_unreadable:
+                raise SetupError(str(error)) from None
+            corrupt = path.with_name(path.name + '.corrupt')
+            os.replace(path, corrupt)
+            print(f"train.py: warning: {path} cannot be read, renamed to {corrupt.name}; "
+                  f"trying the previous checkpoint ({str(error).splitlines()[0]})", file=sys.stderr, flush=True)
+            continue
+        if 'step' not in checkpoint:
+            raise SetupError(f"{path}: a checkpoint without a training step (not written by this "
+                             f"train.py) lies in {checkpoint_dir}; to start from its weights, move it out and "
+                             f"pass it as --checkpoint_path, or choose another --logging_root")
+        return path, checkpoint
+    return None
+
+
+# Options whose change between a run and its resumption must be refused: the model's shapes and kind.
+FIXED_ON_RESUME = ('embedding_size', 'has_params', 'fit_single_srn', 'use_unet_renderer')
+# Options that do not change what is trained, only how it runs or is logged: never reported.
+IGNORED_ON_RESUME = ('config_filepath', 'logging_root', 'device', 'num_workers', 'preload', 'checkpoint_path',
+                     'start_step', 'steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image',
+                     'steps_til_embedding', 'generate_shepard_metzler', 'no_validation', 'val_root',
+                     'max_num_instances_val', 'max_num_observations_val', 'fast', 'amp', 'compile')
+
+
+def resume_changes(stored, opt, path):
+    """The options that differ from the run being resumed, as 'name old -> new' strings.
+
+    Refuses (SetupError) what cannot match the stored model; the rest is returned, to be reported: the
+    new values apply from here on.
+    """
+    current = vars(opt)
+    changed = []
+    for name in sorted(set(stored) & set(current)):
+        if name in IGNORED_ON_RESUME or stored[name] == current[name]:
+            continue
+        if name in FIXED_ON_RESUME:
+            raise SetupError(f"{path}: this run was trained with --{name} {stored[name]}, not {current[name]}; "
+                             f"the model cannot change on resumption. Use the same value, or another "
+                             f"--logging_root for a new run")
+        changed.append(f"--{name} {stored[name]} -> {current[name]}")
+    return changed
 
 
 # --- Distributed ----------------------------------------------------------------------------------------
@@ -421,10 +487,18 @@ def any_rank(flag, device, world_size):
 
 
 class SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits.
 
-    def __init__(self):
+    A second SIGINT more than ``repeat_window`` seconds after the first stops at once, without saving (a
+    deliberate second Ctrl-C). Closer repeats are the same interrupt delivered twice: GNU ``timeout -s INT``
+    and some job schedulers signal the process and then its process group, so it arrives twice within
+    milliseconds; taking that for a second Ctrl-C would lose the final checkpoint.
+    """
+
+    def __init__(self, repeat_window=1.0):
         self.signum = None
+        self.received_at = None
+        self.repeat_window = repeat_window
         self.previous = {}
 
     def install(self):
@@ -435,9 +509,11 @@ class SignalFlag:
         return self
 
     def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.received_at = signum, now
+        elif signum == signal.SIGINT and now - self.received_at > self.repeat_window:
+            raise KeyboardInterrupt  # a deliberate second Ctrl-C: stop now
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -452,10 +528,23 @@ def main(argv=None):
     opt = get_parser().parse_args(argv)
     if opt.fast:
         opt.amp, opt.compile = 'bf16', True
+    # One run per logging_root: the first process (rank 0 under torchrun) locks it; if that fails, torchrun
+    # stops the other ranks.
+    lock = util.RunLock(opt.logging_root, what='train.py') if int(os.environ.get('RANK', '0')) == 0 else None
     try:
+        if lock is not None:
+            check_writable(opt.logging_root)
+            lock.acquire()
         return train(opt)
-    except SetupError as error:
+    except (SetupError, util.RunLockedError, util.CheckpointWriteError) as error:
         raise SystemExit(f"train.py: error: {error}") from None
+    except KeyboardInterrupt:  # a deliberate second Ctrl-C, or one during setup
+        print(f"train.py: interrupted without saving; run the same command to resume from the newest checkpoint "
+              f"in {pathlib.Path(opt.logging_root) / 'checkpoints'}", file=sys.stderr, flush=True)
+        raise SystemExit(SIGNAL_EXIT_CODES[signal.SIGINT]) from None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train(opt):
@@ -474,10 +563,14 @@ def train(opt):
     # What stays float32 under --fast (the input layer, step lengths, geometry) may use TF32; the exact path not.
     util.set_tf32(opt.fast)
     logging_root = pathlib.Path(opt.logging_root)
-    checkpoint_dir, events_dir = logging_root / 'checkpoints', logging_root / 'events'
+    checkpoint_dir = logging_root / 'checkpoints'
     check_writable(logging_root)  # on every rank, so that none waits at the barrier for a failed one
-    if is_main and opt.generate_shepard_metzler:
-        generate_shepard_metzler(opt)
+    if is_main:  # main() holds the folder's lock: no other run writes here
+        for stale in util.remove_stale_temporaries(checkpoint_dir):
+            print(f"Removed {stale}, a partial checkpoint left by an earlier run that was killed", flush=True)
+        found = find_resumable_checkpoint(checkpoint_dir)
+        if opt.generate_shepard_metzler:
+            generate_shepard_metzler(opt)
     if world_size > 1:
         dist.barrier()
 
@@ -520,25 +613,29 @@ def train(opt):
         torch.manual_seed(opt.seed + rank)  # different depth noise per rank; weights are broadcast by DDP
 
     # Resume from logging_root, else load --checkpoint_path's weights (the reference's way), else start.
-    step, epoch, epoch_step = opt.start_step, 0, 0
-    resume_path = find_resumable_checkpoint(checkpoint_dir)
-    resume = None
-    if resume_path is not None:
-        try:
-            resume = util.read_checkpoint(resume_path, map_location='cpu')
-        except ValueError as error:
-            raise SetupError(str(error)) from None
-        if 'step' not in resume:
-            raise SetupError(f"{resume_path}: a checkpoint without a training step (not written by this "
-                             f"train.py) lies in {checkpoint_dir}; to start from its weights, move it out and "
-                             f"pass it as --checkpoint_path, or choose another --logging_root")
+    step, epoch, epoch_step, epoch_label = opt.start_step, 0, 0, 0
+    if not is_main:  # rank 0 has set unreadable checkpoints aside before the barrier
+        found = find_resumable_checkpoint(checkpoint_dir, set_aside_unreadable=False)
+    resume_path, resume = found if found is not None else (None, None)
     try:
         if resume is not None:
+            changes = resume_changes(resume.get('config', {}), opt, resume_path)
+            stored_codes = util.num_latent_codes(resume)
+            if stored_codes is not None and not opt.fit_single_srn and stored_codes != train_dataset.num_instances:
+                raise SetupError(f"{resume_path}: this run was trained on {stored_codes} instances, but --data_root "
+                                 f"{opt.data_root} now gives {train_dataset.num_instances}; resume with the same "
+                                 f"data, or start a new run in another --logging_root")
             if is_main:
                 note = f" (ignoring --checkpoint_path {opt.checkpoint_path})" if opt.checkpoint_path else ''
                 print(f"Resuming from {resume_path} at step {resume['step']}{note}", flush=True)
-            util.load_checkpoint(resume_path, model, optimizer, map_location=device)
+                if changes:
+                    print(f"train.py: warning: resuming with changed options, the new values apply from step "
+                          f"{resume['step']} on: {'; '.join(changes)}", file=sys.stderr, flush=True)
+            util.load_checkpoint(resume, model, optimizer)
+            for group in optimizer.param_groups:  # Adam's state is restored, the learning rate is this run's
+                group['lr'] = opt.lr
             step, epoch, epoch_step = resume['step'], resume.get('epoch', 0), resume.get('epoch_step', 0)
+            epoch_label = resume.get('epoch_label', epoch)
             rng_states = resume.get('rng_states')
             if rng_states is not None and len(rng_states) == world_size:
                 set_rng_state(rng_states[rank])
@@ -563,7 +660,8 @@ def train(opt):
             file.write('\n'.join(f"{name}: {value}" for name, value in sorted(vars(opt).items())) + '\n')
         with open(logging_root / 'model.txt', 'w') as file:
             file.write(str(model) + '\n')
-        writer = SummaryWriter(str(events_dir), flush_secs=30)
+        # The event files lie in logging_root itself, so `tensorboard --logdir logs` names each run by its folder.
+        writer = SummaryWriter(str(logging_root), flush_secs=30)
 
     train_model = model
     if opt.compile:
@@ -592,11 +690,27 @@ def train(opt):
             states = [None] * world_size
             dist.all_gather_object(states, rng_state())
         if is_main:
-            path = checkpoint_dir / f"epoch_{epoch:04d}_iter_{path_step:06d}.pth"
-            util.save_checkpoint(path, model, optimizer, step=step, stage=stage_of(step, max_steps), epoch=epoch,
-                                 epoch_step=epoch_step, world_size=world_size, rng_states=states,
-                                 config=vars(opt))
+            path = checkpoint_dir / f"epoch_{epoch_label:04d}_iter_{path_step:06d}.pth"
+            try:
+                util.save_checkpoint(path, model, optimizer, step=step, stage=stage_of(step, max_steps),
+                                     epoch=epoch, epoch_step=epoch_step, epoch_label=epoch_label,
+                                     world_size=world_size, rng_states=states, config=vars(opt))
+            except util.CheckpointWriteError as error:
+                raise SetupError(f"{error}; stopped at step {step}. The newest intact checkpoint is "
+                                 f"{last_checkpoint or newest_checkpoint(checkpoint_dir)}") from None
             return path
+
+    def validate_and_log(step):
+        """Validation PSNR/SSIM of the current model (rank 0), logged at ``step``; stops on a bad val file."""
+        try:
+            val_loss, val_psnr, val_ssim = validate(model, val_loader, device, amp_dtype)
+        except (ValueError, OSError) as error:
+            raise SetupError(f"{data_error_message(error)} (validation at step {step}); the newest checkpoint "
+                             f"is {last_checkpoint or newest_checkpoint(checkpoint_dir)}") from None
+        writer.add_scalar('val_dist_loss', val_loss, step)
+        writer.add_scalar('val_psnr', val_psnr, step)
+        writer.add_scalar('val_ssim', val_ssim, step)
+        return val_loss, val_psnr, val_ssim
 
     if step >= total_steps:
         if is_main:
@@ -649,6 +763,7 @@ def train(opt):
                    f"is {last_checkpoint or 'the newest in ' + str(checkpoint_dir)}; try a lower --lr.")
         raise SystemExit(message)
 
+    loop_start = time.perf_counter()
     try:
         while step < total_steps:
             if loader_iter is None:
@@ -667,7 +782,14 @@ def train(opt):
                 sampler.set_epoch(epoch, epoch_step)
                 loader_iter = iter(loader)
 
-            model_input, ground_truth = next(loader_iter)
+            try:
+                model_input, ground_truth = next(loader_iter)
+            except (ValueError, OSError) as error:  # an unreadable file found mid-run (a corrupt image)
+                if world_size == 1:  # the state is sound: keep it (under torchrun the other ranks go on)
+                    last_checkpoint = save(step)
+                raise SetupError(f"{data_error_message(error)} (training step {step}); fix or remove that view, "
+                                 f"then run the same command to resume from "
+                                 f"{last_checkpoint or newest_checkpoint(checkpoint_dir)}") from None
             model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
             buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
@@ -679,10 +801,7 @@ def train(opt):
                     and not opt.fit_single_srn:
                 writer.add_embedding(model.latent_codes.weight.detach().cpu(), global_step=step)
             if val_loader is not None and step % opt.steps_til_val == 0 and is_main:
-                val_loss, val_psnr, val_ssim = validate(model, val_loader, device, amp_dtype)
-                writer.add_scalar('val_dist_loss', val_loss, step)
-                writer.add_scalar('val_psnr', val_psnr, step)
-                writer.add_scalar('val_ssim', val_ssim, step)
+                val_loss, val_psnr, val_ssim = validate_and_log(step)
                 progress.write(f"step {step}: val PSNR {val_psnr:.2f} dB, SSIM {val_ssim:.3f}, "
                                f"image loss {val_loss:.4g}")
 
@@ -692,6 +811,8 @@ def train(opt):
                 progress.update(1)
             # Move the epoch on right away, so that a checkpoint written now resumes at the next batch.
             if epoch_step >= sampler.batches_per_epoch or step >= stage_end:
+                # Checkpoint names count epochs as the reference does: not when a stage or the run ends.
+                epoch_label += step < stage_end
                 epoch, epoch_step, loader_iter = epoch + 1, 0, None
                 if step >= stage_end:
                     loader = None  # a new stage builds a new DataLoader
@@ -718,7 +839,13 @@ def train(opt):
                 fail_non_finite(None)
             last_checkpoint = save(step)
             if is_main:
-                progress.write(f"Done: {step} steps; final checkpoint {last_checkpoint}")
+                quality = ''
+                if val_loader is not None:  # the final model's quality, whatever steps_til_val is
+                    _, val_psnr, val_ssim = validate_and_log(step)
+                    quality = f"; val PSNR {val_psnr:.2f} dB, SSIM {val_ssim:.3f}"
+                minutes, seconds = divmod(int(time.perf_counter() - loop_start), 60)
+                progress.write(f"Done: {step} steps in {minutes}:{seconds:02d}{quality}; "
+                               f"final checkpoint {last_checkpoint}")
     finally:
         stop.restore()
         if progress is not None:

@@ -1,12 +1,20 @@
-"""Small shared helpers: checkpoints, folders, image conversion.
+"""Small shared helpers: checkpoints, run folders, image conversion.
 
 Checkpoints keep the reference's format, ``{'model': state_dict, 'optimizer': Adam state}``, and may
 carry more (``step``, ``stage``, ``epoch``, ``config``) so that a run resumes exactly. They are written
 atomically (a temporary file in the same folder, then a rename), so an interrupted save never leaves a
-truncated checkpoint behind.
+truncated checkpoint behind; a failed write (a full disk) says so in one line and removes its temporary
+file, and the temporary files of a killed process are removed at the next start
+(``remove_stale_temporaries``). They are read with ``weights_only=True``: a checkpoint can hold tensors
+and plain containers, never code.
+
+A run folder (``--logging_root``) is used by one process at a time: ``RunLock`` holds an advisory lock
+on it that the kernel releases when the process ends, however it ends (SIGKILL included).
 """
+import errno
 import os
 import pathlib
+import shutil
 import tempfile
 
 import configargparse
@@ -62,21 +70,119 @@ def strip_wrapper_prefixes(state_dict):
     return stripped
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file beside ``path``, then rename it into place."""
-    path = pathlib.Path(path)
-    cond_mkdir(path.parent)
-    fd, tmp_path = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only or vanished folder); nothing was replaced."""
+
+
+TEMPORARY_SUFFIX = '.tmp'
+
+
+def _free_space(folder):
     try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file beside ``path``, then rename it into place.
+
+    Any failure removes the temporary file and leaves an existing ``path`` untouched. Failures to write
+    (torch reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ... file write
+    failed``) become a ``CheckpointWriteError`` that names the file and the free space.
+    """
+    path = pathlib.Path(path)
+    tmp_path = None
+    try:
+        cond_mkdir(path.parent)
+        fd, tmp_path = tempfile.mkstemp(prefix=path.name + '.', suffix=TEMPORARY_SUFFIX, dir=path.parent)
         with os.fdopen(fd, 'wb') as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
+        tmp_path = None
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and 'write' not in str(error) and 'file' not in str(error):
+            raise  # not an I/O failure
+        reason = os.strerror(error.errno) if getattr(error, 'errno', None) else 'write failed'
+        if isinstance(error, RuntimeError) or getattr(error, 'errno', None) == errno.ENOSPC:
+            reason += f" (is the disk full? {_free_space(path.parent)})"
+        raise CheckpointWriteError(f"{path}: could not write the checkpoint: {reason}") from None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
             os.remove(tmp_path)
-        raise
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary checkpoint files (``*.pth.*.tmp``) a killed process left in ``folder``.
+
+    Only call this while holding the folder's ``RunLock``: a running process's temporary file is not stale.
+    :return: the paths removed
+    """
+    removed = []
+    for tmp in pathlib.Path(folder).glob('*.pth.*' + TEMPORARY_SUFFIX):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class RunLock:
+    """An exclusive advisory lock on a run folder (``<folder>/.lock``), held while the process lives.
+
+    ``flock`` locks belong to the open file: the kernel drops them when the process exits or is killed,
+    so a crashed or SIGKILLed run never leaves a stale lock behind. The file records the holder's pid
+    and command for the error message. Where ``fcntl`` is missing (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, folder, what='train.py'):
+        self.path = pathlib.Path(folder) / '.lock'
+        self.what = what
+        self.file = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        cond_mkdir(self.path.parent)
+        file = open(self.path, 'a+')
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                file.close()
+                raise
+            file.seek(0)
+            holder = file.read().strip() or 'another process'
+            file.close()
+            raise RunLockedError(f"{self.path.parent}: in use by {holder}; two runs in one folder would "
+                                 f"overwrite each other's checkpoints. Wait for it to finish (or stop it), or "
+                                 f"choose another --logging_root") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} ({self.what})\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing the file drops the flock
+            self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 def save_checkpoint(path, model, optimizer=None, **extra):
@@ -134,9 +240,10 @@ def load_checkpoint(path, model, optimizer=None, overwrite_embeddings=False, map
     scenes can be fitted from the trained networks. Keys the model does not have, and entries whose
     shape differs, raise a ValueError that names them and the file.
 
+    :param path: a file, a folder (its last ``*.pth``), or a checkpoint dict already read by ``read_checkpoint``
     :return: the checkpoint dict (with ``path``), for resuming step, stage and config
     """
-    checkpoint = read_checkpoint(path, map_location=map_location)
+    checkpoint = path if isinstance(path, dict) else read_checkpoint(path, map_location=map_location)
     stored = dict(checkpoint['model'])
     if overwrite_embeddings:
         stored.pop(LATENT_CODES_KEY, None)
@@ -176,6 +283,61 @@ def to_uint8_image(image):
         image = image.detach().cpu().numpy()
     image = np.round((np.asarray(image, dtype=np.float64) + 1.) / 2. * 255.)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+# Anchors of the perceptually uniform 'viridis' colour map (near = dark purple, far = yellow).
+_VIRIDIS = np.array([[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142], [31, 158, 137],
+                     [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]], dtype=np.float64) / 255.
+
+
+def viridis(t):
+    """Values in [0, 1] (any shape) -> RGB in [0, 1] (shape + (3,)), linear between the colour map's anchors."""
+    t = np.clip(np.asarray(t, dtype=np.float64), 0., 1.) * (len(_VIRIDIS) - 1)
+    low = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (t - low)[..., None]
+    return _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
+
+
+def colorize_depth(depth, foreground, colorbar=True):
+    """(s, s) depth -> uint8 preview: viridis over the foreground's depth range, white background, and a
+    colour bar on the right labelled with the near and far depths (scene units of camera z).
+
+    :param foreground: (s, s) bool, the object's pixels; the rest is painted white
+    :return: (s, s, 3), or (s, s + bar, 3) with the colour bar
+    """
+    depth, foreground = np.asarray(depth, dtype=np.float64), np.asarray(foreground, dtype=bool)
+    image = np.ones(depth.shape + (3,))
+    near = far = None
+    if foreground.any():
+        near, far = np.percentile(depth[foreground], 1), np.percentile(depth[foreground], 99)
+        colored = viridis((depth - near) / max(far - near, 1e-8))
+        image[foreground] = colored[foreground]
+    image = np.round(image * 255).astype(np.uint8)
+    return _with_colorbar(image, near, far) if colorbar else image
+
+
+def _with_colorbar(image, near, far, min_height=128):
+    """Append a vertical viridis bar (near at the top, far at the bottom) labelled with the two depths.
+
+    Small images are enlarged by an integer factor (nearest neighbour) to ``min_height`` first, so that the
+    labels, in Pillow's built-in 11-pixel font, stay legible beside them.
+    """
+    from PIL import Image, ImageDraw
+    side = image.shape[0]
+    zoom = -(-min_height // side)
+    height = side * zoom
+    left = Image.fromarray(image).resize((image.shape[1] * zoom, height), Image.NEAREST)
+    bar_width, label_width, margin = max(6, height // 16), 46, 8
+    canvas = Image.new('RGB', (left.width + bar_width + label_width + 4, height), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    ramp = viridis(np.linspace(0., 1., height - 2 * margin))[:, None].repeat(bar_width, axis=1)  # (h, w, 3)
+    canvas.paste(Image.fromarray(np.round(ramp * 255).astype(np.uint8)), (left.width + 2, margin))
+    labels = (f"{near:.3g}", f"{far:.3g}") if near is not None else ("no", "object")
+    draw = ImageDraw.Draw(canvas)
+    x = left.width + bar_width + 5
+    draw.text((x, margin - 5), labels[0], fill=(0, 0, 0))
+    draw.text((x, height - margin - 6), labels[1], fill=(0, 0, 0))
+    return np.asarray(canvas)
 
 
 def set_tf32(enabled):

@@ -24,11 +24,14 @@ import train  # noqa: E402
 
 
 def read_scalars(run):
-    """{tag: (steps, values)} from ``run/events``."""
+    """{tag: (steps, values)} from the run's TensorBoard event files (in the run folder; ``events/`` in
+    runs written before the event files moved there)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events_dir = pathlib.Path(run) / 'events'
-    if not events_dir.is_dir():
-        raise SystemExit(f"compare_runs.py: error: {events_dir}: no TensorBoard events (not a train.py run?)")
+    run = pathlib.Path(run)
+    events_dir = next((folder for folder in (run, run / 'events') if list(folder.glob('events.out.tfevents.*'))),
+                      None)
+    if events_dir is None:
+        raise SystemExit(f"compare_runs.py: error: {run}: no TensorBoard event files (not a train.py run?)")
     events = EventAccumulator(str(events_dir), size_guidance={'scalars': 0}).Reload()
     scalars = {}
     for tag in events.Tags()['scalars']:
@@ -42,7 +45,11 @@ def run_setup(run):
     checkpoints = sorted((pathlib.Path(run) / 'checkpoints').glob('*.pth'))
     if not checkpoints:
         raise SystemExit(f"compare_runs.py: error: {run}/checkpoints: no checkpoint (did the run finish?)")
-    checkpoint = torch.load(checkpoints[-1], map_location='cpu', weights_only=False, mmap=True)
+    try:  # weights_only: a checkpoint planted in a run folder must not run code
+        checkpoint = torch.load(checkpoints[-1], map_location='cpu', weights_only=True, mmap=True)
+    except Exception as error:
+        raise SystemExit(f"compare_runs.py: error: {checkpoints[-1]}: not a readable checkpoint "
+                         f"({str(error).splitlines()[0]})") from None
     sidelengths, batch_sizes, _ = train.schedule_from_opt(argparse.Namespace(**checkpoint['config']))
     stage = checkpoint.get('stage', 0)
     return checkpoint.get('world_size', 1), batch_sizes[stage], sidelengths[stage]

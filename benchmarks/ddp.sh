@@ -4,7 +4,7 @@
 # Shepard-Metzler set.
 #   bash benchmarks/ddp.sh OUT_DIR [GPUS=2] [BATCH_PER_GPU=16] [STEPS=1000] [train.py flags, e.g. --fast]
 # Environment: SIDE (128), OBJECTS (500), TIMING_STEPS (STEPS/2), DEVICE (cuda; cpu runs a gloo smoke test).
-# Runs, each a real train.py run with TensorBoard events in OUT_DIR/<run>/events:
+# Runs, each a real train.py run with TensorBoard events in OUT_DIR/<run>:
 #   1xB            one GPU, batch B, through torchrun --nproc_per_node=1 (TIMING_STEPS steps)
 #   GxB            G GPUs, batch B each: its throughput against 1xB
 #   1x(G*B)        one GPU, the same total batch: the loss curve GxB should follow

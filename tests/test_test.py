@@ -189,7 +189,18 @@ def test_images_have_the_documented_layout(trained, full_run):
             normals = iio.imread(out / 'normals' / f'{i:06d}' / f'{v:06d}.png')
             np.testing.assert_array_equal(normals, comparison[:, :SIDE])
             assert iio.imread(out / 'depth' / f'{i:06d}' / f'{v:06d}.png').dtype == np.uint16
-            assert iio.imread(out / 'depth' / f'{i:06d}' / f'{v:06d}_preview.png').shape == (SIDE, SIDE, 3)
+            # The preview: enlarged to at least 128 rows, the background (here: where the target is white,
+            # --foreground target) white, the object in colour, a colour bar on the right.
+            preview = iio.imread(out / 'depth' / f'{i:06d}' / f'{v:06d}_preview.png')
+            zoom = -(-128 // SIDE)
+            assert preview.shape[0] == SIDE * zoom and preview.shape[1] > SIDE * zoom + 20
+            picture = preview[::zoom, :SIDE * zoom:zoom]  # (SIDE, SIDE, 3)
+            background = (util.to_uint8_image(targets[k]) > 255 * 0.95).all(axis=-1)  # threshold 0.05
+            assert background.any() and (~background).any()
+            assert (picture[background] == 255).all()
+            assert (picture[~background] != 255).any(axis=-1).all()
+            bar = preview[SIDE * zoom // 2, SIDE * zoom:]  # a row across the colour bar
+            assert (bar != 255).any(axis=-1).sum() >= 6
 
 
 def test_point_cloud_lies_where_the_depth_says(trained, full_run):
