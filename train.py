@@ -256,6 +256,18 @@ def ignore_interrupts(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def shutdown_workers(loader_iter):
+    """Stop a DataLoader iterator's worker processes now, as its destructor would.
+
+    The workers ignore SIGTERM (``ignore_interrupts``), so they must be told to exit through their queues:
+    if an exception kept the iterator alive until interpreter exit, multiprocessing's exit handler would
+    send them SIGTERM and wait for them forever.
+    """
+    shutdown = getattr(loader_iter, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
+
+
 def to_device(batch, device):
     """Move a dict of tensors to the device (non-blocking: the loader pins memory on CUDA)."""
     return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
@@ -590,7 +602,7 @@ def train(opt):
                                                    max_num_instances=opt.max_num_instances_val,
                                                    max_observations_per_instance=opt.max_num_observations_val,
                                                    samples_per_instance=1)
-    except (FileNotFoundError, ValueError) as error:
+    except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError: the message names the file
         raise SetupError(str(error)) from None
     for stage, batch_size in enumerate(batch_sizes):
         if len(train_dataset) // world_size < batch_size:
@@ -784,12 +796,14 @@ def train(opt):
 
             try:
                 model_input, ground_truth = next(loader_iter)
+                data_error = None
             except (ValueError, OSError) as error:  # an unreadable file found mid-run (a corrupt image)
+                data_error = data_error_message(error)
+            if data_error is not None:
                 if world_size == 1:  # the state is sound: keep it (under torchrun the other ranks go on)
                     last_checkpoint = save(step)
-                raise SetupError(f"{data_error_message(error)} (training step {step}); fix or remove that view, "
-                                 f"then run the same command to resume from "
-                                 f"{last_checkpoint or newest_checkpoint(checkpoint_dir)}") from None
+                raise SetupError(f"{data_error} (training step {step}); fix or remove that view, then run the "
+                                 f"same command to resume from {last_checkpoint or newest_checkpoint(checkpoint_dir)}")
             model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
             buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
@@ -852,6 +866,7 @@ def train(opt):
             progress.close()
         if writer is not None:
             writer.close()
+        shutdown_workers(loader_iter)
         loader_iter = loader = None
         if world_size > 1 and dist.is_initialized():
             # DDP holds the process group: release it first, or its threads may still run at exit (abort).

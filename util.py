@@ -14,6 +14,7 @@ on it that the kernel releases when the process ends, however it ends (SIGKILL i
 import errno
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -77,19 +78,29 @@ class CheckpointWriteError(OSError):
 TEMPORARY_SUFFIX = '.tmp'
 
 
-def _free_space(folder):
+def _write_failure_reason(error, folder, partial):
+    """Why a checkpoint write failed, in words: the OS error, or for torch's own writer, the free space."""
+    code = getattr(error, 'errno', None)
     try:
-        return f"{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there"
+        free = shutil.disk_usage(folder).free
     except OSError:
-        return "free space unknown"
+        free = None
+    # torch's zip writer reports a short write as "[enforce fail at inline_container.cc] ... unexpected pos"
+    # without the OS error: a full disk is what leaves no room at that moment.
+    if code == errno.ENOSPC or (code is None and free is not None and free < 2 ** 20):
+        written = f"; the checkpoint had reached {partial / 2 ** 20:.1f} MiB" if partial else ''
+        return f"No space left on device ({(free or 0) / 2 ** 20:.1f} MiB free in {folder}{written})"
+    if code:
+        return os.strerror(code)
+    return f"write failed ({str(error).strip().splitlines()[0]})"
 
 
 def atomic_torch_save(obj, path):
     """torch.save to a temporary file beside ``path``, then rename it into place.
 
     Any failure removes the temporary file and leaves an existing ``path`` untouched. Failures to write
-    (torch reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ... file write
-    failed``) become a ``CheckpointWriteError`` that names the file and the free space.
+    (torch reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ...``) become a
+    ``CheckpointWriteError`` that names the file and says why (with the free space for a full disk).
     """
     path = pathlib.Path(path)
     tmp_path = None
@@ -103,11 +114,10 @@ def atomic_torch_save(obj, path):
         os.replace(tmp_path, path)
         tmp_path = None
     except (OSError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and 'write' not in str(error) and 'file' not in str(error):
+        if isinstance(error, RuntimeError) and 'inline_container' not in str(error) and 'write' not in str(error):
             raise  # not an I/O failure
-        reason = os.strerror(error.errno) if getattr(error, 'errno', None) else 'write failed'
-        if isinstance(error, RuntimeError) or getattr(error, 'errno', None) == errno.ENOSPC:
-            reason += f" (is the disk full? {_free_space(path.parent)})"
+        partial = os.path.getsize(tmp_path) if tmp_path is not None and os.path.exists(tmp_path) else 0
+        reason = _write_failure_reason(error, path.parent, partial)
         raise CheckpointWriteError(f"{path}: could not write the checkpoint: {reason}") from None
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
@@ -212,8 +222,8 @@ def read_checkpoint(path, map_location='cpu'):
     path = resolve_checkpoint_path(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated file, not a torch file, ...
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except Exception as error:  # truncated file, not a torch file, pickled code, ...
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_load_error_reason(error)})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
     if 'model' not in checkpoint:
@@ -224,6 +234,17 @@ def read_checkpoint(path, map_location='cpu'):
     checkpoint['model'] = strip_wrapper_prefixes(checkpoint['model'])
     checkpoint['path'] = str(path)
     return checkpoint
+
+
+def _load_error_reason(error):
+    """One line on why torch.load failed; torch's own message spans many lines."""
+    text = str(error)
+    unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+    if unsupported:
+        return (f"it holds a pickled object ({unsupported.group(1)}), not only tensors; loading it could run "
+                f"code, so it is refused")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'unreadable'}"
 
 
 def num_latent_codes(checkpoint):

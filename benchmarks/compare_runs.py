@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
+import util  # noqa: E402
 
 
 def read_scalars(run):
@@ -46,10 +47,9 @@ def run_setup(run):
     if not checkpoints:
         raise SystemExit(f"compare_runs.py: error: {run}/checkpoints: no checkpoint (did the run finish?)")
     try:  # weights_only: a checkpoint planted in a run folder must not run code
-        checkpoint = torch.load(checkpoints[-1], map_location='cpu', weights_only=True, mmap=True)
-    except Exception as error:
-        raise SystemExit(f"compare_runs.py: error: {checkpoints[-1]}: not a readable checkpoint "
-                         f"({str(error).splitlines()[0]})") from None
+        checkpoint = util.read_checkpoint(checkpoints[-1])
+    except ValueError as error:
+        raise SystemExit(f"compare_runs.py: error: {error}") from None
     sidelengths, batch_sizes, _ = train.schedule_from_opt(argparse.Namespace(**checkpoint['config']))
     stage = checkpoint.get('stage', 0)
     return checkpoint.get('world_size', 1), batch_sizes[stage], sidelengths[stage]

@@ -273,7 +273,7 @@ def test_logged_scalars_are_reduced_over_ranks(tmp_path):
     # Under torchrun rank 0 logs the loss of the whole batch (mean over ranks) and the extremes over ranks.
     torch.multiprocessing.spawn(_reduce_scalars_worker, args=(str(tmp_path / 'init'), str(tmp_path / 'out.pt')),
                                 nprocs=2)
-    reduced = torch.load(tmp_path / 'out.pt')
+    reduced = torch.load(tmp_path / 'out.pt', weights_only=True)
     for i, how in enumerate(train.SCALAR_REDUCTIONS):
         expected = {'mean': 50.0, 'min': 0.0, 'max': 100.0}[how] + 10 * torch.arange(2.0) + i
         torch.testing.assert_close(reduced[:, i], expected, msg=train.SCALAR_NAMES[i])
