@@ -18,8 +18,9 @@ millimetres of camera-space z (not distance along the ray) when the scene unit i
 means "no surface" (background). The representable range is therefore (0, 65.535] scene units.
 ``load_depth`` returns float32 depth in scene units with 0 for background.
 
-Every reader fails with ``FileNotFoundError`` or ``ValueError`` whose message starts with the offending
-path and says what is wrong; nothing is silently skipped or guessed.
+Every reader fails with ``FileNotFoundError`` (missing, a broken link, a folder where a file belongs),
+``ValueError`` (bad contents) or ``PermissionError`` (unreadable), whose message starts with the offending
+path and says what is wrong and how to fix it; nothing is silently skipped or guessed.
 """
 import functools
 import math
@@ -34,9 +35,63 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.JPEG', '.JPG')  # the reference's glob pat
 
 # --- Small helpers -----------------------------------------------------------------------------------
 
+def _why_missing(path):
+    """Why ``path`` cannot be opened: a broken symbolic link (with its target) or plain absence."""
+    if os.path.islink(path):
+        return (f"broken symbolic link (to {os.readlink(path)!r}, which does not exist); "
+                f"fix the link or remove it")
+    return "not found"
+
+
 def _require_file(path, what):
+    """FileNotFoundError naming ``path`` unless it is a readable regular file (links followed)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} not found")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: {what} not found: this is a folder, not a file")
+        raise FileNotFoundError(f"{path}: {what} {_why_missing(path)}")
+
+
+def require_folder(path, what, fix=""):
+    """FileNotFoundError naming ``path`` unless it is a folder (missing, a broken link, or a file), and
+    PermissionError unless it can be listed.
+
+    :param what: what the folder is for, e.g. "rgb/ folder"
+    :param fix: appended to the message: what the user should do
+    """
+    if not os.path.isdir(path):
+        if os.path.lexists(path) and not os.path.islink(path):
+            reason = "is a file, not a folder"
+        elif os.path.lexists(path) and os.path.exists(path):
+            reason = f"is a symbolic link to a file ({os.readlink(path)!r}), not to a folder"
+        else:
+            reason = _why_missing(path)
+        raise FileNotFoundError(f"{path}: {what} {reason}" + (f"; {fix}" if fix else ""))
+    if not os.access(path, os.R_OK | os.X_OK):  # else its files look missing, which would mislead
+        raise PermissionError(f"{path}: {what} cannot be listed (permission denied); fix its permissions "
+                              f"(chmod u+rx) or remove it")
+
+
+def list_dir(folder):
+    """The entry names of ``folder``; PermissionError naming it (and the fix) when it cannot be listed."""
+    try:
+        return os.listdir(folder)
+    except PermissionError:
+        raise PermissionError(f"{folder}: folder cannot be listed (permission denied); fix its permissions "
+                              f"(chmod u+rx) or remove it") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: folder {_why_missing(folder)}") from None
+
+
+def _read_text(path, what, first_line_only=False):
+    """The text of a small text file; clear errors for unreadable or binary files, naming the path."""
+    _require_file(path, what)
+    try:
+        with open(path, 'r') as file:
+            return file.readline() if first_line_only else file.read()
+    except PermissionError:
+        raise PermissionError(f"{path}: {what} cannot be read (permission denied); fix its permissions") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: {what} is not a text file (undecodable bytes)") from None
 
 
 def _parse_numbers(tokens, path, what):
@@ -51,14 +106,18 @@ def _parse_numbers(tokens, path, what):
 
 
 def list_images(folder):
-    """Image files of ``folder`` (the reference's extensions), sorted by full path."""
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+    """Image files of ``folder`` (the reference's extensions), sorted by full path.
+
+    Every matching name is listed, broken links included, so that a missing image is reported rather than
+    silently shifting the pairing of the later images with their poses.
+    """
+    return sorted(os.path.join(folder, name) for name in list_dir(folder)
                   if name.endswith(IMAGE_EXTENSIONS) and not name.startswith('.'))
 
 
 def list_files(folder, extension='.txt'):
-    """Files of ``folder`` ending in ``extension``, sorted by full path."""
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+    """Files of ``folder`` ending in ``extension``, sorted by full path (broken links included)."""
+    return sorted(os.path.join(folder, name) for name in list_dir(folder)
                   if name.endswith(extension) and not name.startswith('.'))
 
 
@@ -75,6 +134,8 @@ def _decode(path, what):
             elif pil.mode == 'I;16B':
                 pil = pil.convert('I;16')
             return np.asarray(pil)
+    except PermissionError:
+        raise PermissionError(f"{path}: {what} cannot be read (permission denied); fix its permissions") from None
     except Exception as err:  # Pillow raises many types for truncated or corrupt files
         raise ValueError(f"{path}: cannot decode {what} ({type(err).__name__}: {err}); "
                          f"re-render or re-export this view, or remove it together with its pose") from None
@@ -276,9 +337,7 @@ def load_pose(path):
 
     The reference reads the float64 values and casts them to float32; so do we.
     """
-    _require_file(path, "pose file")
-    with open(path, 'r') as file:
-        tokens = file.read().split()
+    tokens = _read_text(path, "pose file").split()
     if len(tokens) != 16:
         raise ValueError(f"{path}: a pose must be 16 numbers (4 lines of 4, or one line of 16, row-major "
                          f"cam2world), found {len(tokens)}")
@@ -299,9 +358,7 @@ def write_pose(path, cam2world):
 
 def load_params(path):
     """A per-view parameter vector: float32 (P,) from the first line of ``path``."""
-    _require_file(path, "params file")
-    with open(path, 'r') as file:
-        tokens = file.readline().split()
+    tokens = _read_text(path, "params file", first_line_only=True).split()
     if not tokens:
         raise ValueError(f"{path}: the first line must hold the parameter vector, found it empty")
     return _parse_numbers(tokens, path, "params").astype(np.float32)
@@ -329,9 +386,7 @@ def read_intrinsics(path):
     an integer world2cam flag (anything else there counts as absent, as in the reference). The barycenter,
     scale, near plane and flag are returned for completeness; SRNs ignore them (SPEC section 5).
     """
-    _require_file(path, "intrinsics.txt")
-    with open(path, 'r') as file:
-        lines = file.read().splitlines()
+    lines = _read_text(path, "intrinsics.txt").splitlines()
     fix = "expected 'f cx cy 0.' / '0. 0. 0.' / '1.' / 'height width'"
     if len(lines) < 4:
         raise ValueError(f"{path}: intrinsics need 4 lines, found {len(lines)}; {fix}")

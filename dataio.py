@@ -7,7 +7,8 @@ semantics (instance order, ``max_num_instances``, ``max_observations_per_instanc
 fix its slow and silent parts (SPEC section 8):
 
 - everything that can be checked without decoding images is checked at construction, and every error
-  names the offending path and says what is wrong;
+  names the offending path and says what is wrong: unreadable entries of the root (never skipped, as that
+  would shift the latent codes of the later instances);
 - ``intrinsics.txt``, poses and params are parsed once, at construction; item lookup is O(log n);
 - ``preload=True`` decodes every selected image once (threads), centre-crops it and keeps it at full
   resolution in a single tensor. Resizing to the current side happens per item (a block mean
@@ -111,11 +112,12 @@ class SceneInstanceDataset(Dataset):
         color_dir = os.path.join(instance_dir, "rgb")
         pose_dir = os.path.join(instance_dir, "pose")
         param_dir = os.path.join(instance_dir, "params")
+        data_util.require_folder(instance_dir, "instance folder")
         for folder in (color_dir, pose_dir):
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(
-                    f"{folder}: missing; every subfolder of the dataset root must be an instance with "
-                    f"rgb/, pose/ and intrinsics.txt (move other folders out of the root)")
+            data_util.require_folder(
+                folder, f"{os.path.basename(folder)}/ folder",
+                "every subfolder of the dataset root must be an instance with rgb/, pose/ and intrinsics.txt "
+                "(move other folders out of the root)")
         color_paths = data_util.list_images(color_dir)
         pose_paths = data_util.list_files(pose_dir, '.txt')
         if not pose_paths:
@@ -124,7 +126,8 @@ class SceneInstanceDataset(Dataset):
             raise ValueError(f"{instance_dir}: {len(color_paths)} images in rgb/ but {len(pose_paths)} poses "
                              f"in pose/; views pair images and poses by sorted position, so the counts must match")
         param_paths = None
-        if os.path.isdir(param_dir):
+        if os.path.lexists(param_dir):  # a broken params/ link is an error, not "no params"
+            data_util.require_folder(param_dir, "params/ folder", "fix it, or remove it if the views have none")
             param_paths = data_util.list_files(param_dir, '.txt')
             if len(param_paths) != len(pose_paths):
                 raise ValueError(f"{param_dir}: {len(param_paths)} params files for {len(pose_paths)} poses; "
@@ -193,15 +196,31 @@ def _uv(sidelength):
 
 
 def list_instance_dirs(root_dir):
-    """The instance folders of a dataset root, sorted as full paths with a trailing separator (SPEC 5)."""
+    """The instance folders of a dataset root, sorted as full paths with a trailing separator (SPEC 5).
+
+    An instance's position in this list is its latent-code index, so an entry that cannot be read must not
+    be skipped: every later instance would move to another code (and test.py would render each with a
+    wrong one). A broken symbolic link or a link to a file therefore raises, naming the entry. Plain files
+    (README.txt, .DS_Store) and hidden entries are ignored, as in the reference, whose glob matched
+    folders only: they cannot have been meant as instances.
+    """
     if not os.path.isdir(root_dir):
         raise FileNotFoundError(f"{root_dir}: dataset root not found (expected root/<instance>/rgb/ and pose/)")
-    instance_dirs = sorted(os.path.join(root_dir, name) + os.sep for name in os.listdir(root_dir)
-                           if not name.startswith('.') and os.path.isdir(os.path.join(root_dir, name)))
+    instance_dirs = []
+    for name in data_util.list_dir(root_dir):
+        if name.startswith('.'):
+            continue
+        path = os.path.join(root_dir, name)
+        if os.path.islink(path) and not os.path.isdir(path):
+            data_util.require_folder(path, "entry of the dataset root",
+                                     "every link in the root must lead to an instance folder; fix the link or "
+                                     "remove it (a skipped entry would shift the later instances' latent codes)")
+        if os.path.isdir(path):
+            instance_dirs.append(path + os.sep)
     if not instance_dirs:
         raise FileNotFoundError(f"{root_dir}: no instance folders with rgb/ and pose/ "
                                 f"(expected root/<instance>/rgb/*.png, pose/*.txt, intrinsics.txt)")
-    return instance_dirs
+    return sorted(instance_dirs)
 
 
 def collate_fn(batch_list):

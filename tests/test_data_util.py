@@ -105,3 +105,13 @@ def test_missing_files_raise_file_not_found_with_path(tmp_path):
                    data_util.load_params):
         with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
             reader(tmp_path / "nope")
+
+
+def test_missing_file_behind_broken_link_says_so(tmp_path):
+    (tmp_path / "intrinsics.txt").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "intrinsics.txt"))) as info:
+        data_util.read_intrinsics(tmp_path / "intrinsics.txt")
+    assert "broken symbolic link" in str(info.value)
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + ".*not a text file"):
+        data_util.load_pose(tmp_path / "p.txt")

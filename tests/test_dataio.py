@@ -175,3 +175,60 @@ def test_preload_serves_workers_from_ram(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=dataset.collate_fn)
     served = torch.cat([observations["rgb"] for observations, _ in loader])
     assert torch.equal(served, torch.stack(expected))
+
+
+# --- Entries of the root that cannot be read: an error, never a skipped (shifted) instance --------------
+
+def test_broken_symlink_instance_is_an_error_not_a_shift(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=3)
+    (root / "obj_00b").symlink_to(tmp_path / "unmounted" / "obj")  # sorts between obj_00 and obj_01
+    with pytest.raises(FileNotFoundError, match=names(root / "obj_00b")) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value) and "remove it" in str(info.value)
+
+
+def test_symlink_to_a_file_in_the_root_is_an_error(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    (tmp_path / "notes.txt").write_text("not an instance")
+    (root / "obj_05").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match=names(root / "obj_05")) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "link to a file" in str(info.value)
+
+
+def test_plain_files_and_linked_instances_in_the_root(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2)
+    (root / "README.txt").write_text("plain files are no instances (the reference globbed folders only)")
+    (root / ".DS_Store").write_bytes(b"\0")
+    make_dataset(tmp_path / "elsewhere", num_instances=1)
+    (root / "obj_01a").symlink_to(tmp_path / "elsewhere" / "obj_00")  # a working link is an instance
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
+    assert [os.path.basename(d.rstrip(os.sep)) for d in dataset.instance_dirs] == ["obj_00", "obj_01", "obj_01a"]
+
+
+def test_instance_folder_that_cannot_be_listed(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "data")
+    instance = root / "obj_01"
+    instance.chmod(0)
+    try:
+        if os.access(instance, os.R_OK | os.X_OK):  # root reads anything: pretend, as a user would see it
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path).rstrip(os.sep) !=
+                                str(instance) and real_access(path, mode, **kw))
+        with pytest.raises(PermissionError, match=names(instance)) as info:
+            dataio.SceneClassDataset(str(root))
+        assert "permission denied" in str(info.value)
+    finally:
+        instance.chmod(0o755)
+
+
+@pytest.mark.parametrize("folder", ["rgb", "pose", "params"])
+def test_broken_link_in_place_of_a_folder(tmp_path, folder):
+    root = make_dataset(tmp_path / "data", params=True)
+    target = root / "obj_01" / folder
+    target.rename(tmp_path / "moved")
+    target.symlink_to(tmp_path / "gone")  # a broken params/ must not read as "this instance has no params"
+    with pytest.raises(FileNotFoundError, match=names(target)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value)
+
