@@ -20,7 +20,8 @@ means "no surface" (background). The representable range is therefore (0, 65.535
 
 Every reader fails with ``FileNotFoundError`` (missing, a broken link, a folder where a file belongs),
 ``ValueError`` (bad contents) or ``PermissionError`` (unreadable), whose message starts with the offending
-path and says what is wrong and how to fix it; nothing is silently skipped or guessed.
+path and says what is wrong and how to fix it; nothing is silently skipped or guessed. What is cheap is
+checked when a dataset is opened: ``check_cam2world`` (poses).
 """
 import functools
 import math
@@ -342,6 +343,48 @@ def load_pose(path):
         raise ValueError(f"{path}: a pose must be 16 numbers (4 lines of 4, or one line of 16, row-major "
                          f"cam2world), found {len(tokens)}")
     return _parse_numbers(tokens, path, "pose").reshape(4, 4).astype(np.float32)
+
+
+# A camera's 3x3 part is a rotation, possibly uniformly scaled: condition number 1. Beyond this it is no
+# camera (and float32 inverses lose most digits); any real pose, even written with 4 decimals, is near 1.
+MAX_POSE_CONDITION = 1e4
+POSE_LAST_ROW_ATOL = 1e-4  # the row [0 0 0 1] is never divided by, so any other value is silently wrong
+
+
+def check_cam2world(cam2world, paths):
+    """ValueError naming the first pose file whose matrix cannot be a camera's cam2world.
+
+    A cam2world is ``[[R, t], [0, 0, 0, 1]]`` with R a rotation. Accepted: R uniformly scaled, or written
+    with limited precision. Rejected: a singular or badly conditioned R (e.g. all zeros, a zero row), whose
+    inverse fails or is meaningless hours into training, and a last row other than 0 0 0 1 (within
+    ``POSE_LAST_ROW_ATOL``), which our geometry ignores where it lifts points but not where it inverts.
+
+    :param cam2world: (V, 4, 4) poses as loaded by ``load_pose``
+    :param paths: the V files they came from
+    """
+    cam2world = np.asarray(cam2world, dtype=np.float64).reshape(-1, 4, 4)
+    rotation = cam2world[:, :3, :3]  # (V, 3, 3)
+    singular_values = np.linalg.svd(rotation, compute_uv=False)  # (V, 3), descending
+    largest, smallest = singular_values[:, 0], singular_values[:, 2]
+    exactly_singular = ~(smallest > 1e-12 * largest)  # zero up to float64 rounding (all zeros included)
+    singular = exactly_singular | (largest > MAX_POSE_CONDITION * smallest)
+    last_row_error = np.abs(cam2world[:, 3, :] - np.array([0., 0., 0., 1.])).max(axis=1)  # (V,)
+    bad = np.flatnonzero(singular | (last_row_error > POSE_LAST_ROW_ATOL))
+    if not len(bad):
+        return
+    k = int(bad[0])
+    problems = []
+    if exactly_singular[k]:
+        problems.append("singular rotation part (det 0)")
+    elif singular[k]:
+        problems.append(f"badly conditioned rotation part (singular values "
+                        f"{' '.join(f'{v:.3g}' for v in singular_values[k])}, "
+                        f"det {np.linalg.det(rotation[k]):.3g})")
+    if last_row_error[k] > POSE_LAST_ROW_ATOL:
+        problems.append(f"last row is {' '.join(f'{v:g}' for v in cam2world[k, 3])}, expected 0 0 0 1")
+    raise ValueError(f"{paths[k]}: not a camera pose: {'; '.join(problems)}. A pose is the cam2world matrix "
+                     f"[[R, t], [0 0 0 1]] with R a rotation; fix this file, or remove it together with its "
+                     f"image (views pair by sorted position)")
 
 
 def write_pose(path, cam2world):

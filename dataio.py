@@ -8,7 +8,7 @@ fix its slow and silent parts (SPEC section 8):
 
 - everything that can be checked without decoding images is checked at construction, and every error
   names the offending path and says what is wrong: unreadable entries of the root (never skipped, as that
-  would shift the latent codes of the later instances);
+  would shift the latent codes of the later instances) and poses that cannot be a camera;
 - ``intrinsics.txt``, poses and params are parsed once, at construction; item lookup is O(log n);
 - ``preload=True`` decodes every selected image once (threads), centre-crops it and keeps it at full
   resolution in a single tensor. Resizing to the current side happens per item (a block mean
@@ -142,7 +142,9 @@ class SceneInstanceDataset(Dataset):
 
         # parsed once here (the reference re-read intrinsics.txt for every image)
         self.intrinsics_file = data_util.read_intrinsics(os.path.join(instance_dir, "intrinsics.txt"))
-        self.poses = torch.from_numpy(np.stack([data_util.load_pose(p) for p in self.pose_paths]))  # (V, 4, 4)
+        poses = np.stack([data_util.load_pose(p) for p in self.pose_paths])  # (V, 4, 4)
+        data_util.check_cam2world(poses, self.pose_paths)  # here, not when a batch first draws a bad one
+        self.poses = torch.from_numpy(poses)
         if self.param_paths is None:
             self.params = None
         else:

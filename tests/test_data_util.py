@@ -115,3 +115,45 @@ def test_missing_file_behind_broken_link_says_so(tmp_path):
     (tmp_path / "p.txt").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "p.txt")) + ".*not a text file"):
         data_util.load_pose(tmp_path / "p.txt")
+
+
+# --- Poses that cannot be a camera ------------------------------------------------------------------
+
+def rotation(seed):
+    """A random rotation (3, 3), det +1."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q * np.sign(np.linalg.det(q))
+
+
+def pose_with(rot, translation=(0.5, -1.0, 2.0), last_row=(0., 0., 0., 1.)):
+    cam2world = np.zeros((4, 4))
+    cam2world[:3, :3], cam2world[:3, 3], cam2world[3] = rot, translation, last_row
+    return cam2world
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("zero", "singular rotation part (det 0)"),
+    ("zero_row", "singular rotation part (det 0)"),
+    ("nearly_singular", "badly conditioned rotation part"),
+    ("last_row", "last row is 0 0 0 2, expected 0 0 0 1"),
+    ("last_row_xyz", "last row is 0.1 0 0 1, expected 0 0 0 1"),
+])
+def test_check_cam2world_rejects_non_cameras_naming_the_file(case, reason):
+    poses = {"zero": np.zeros((4, 4)),
+             "zero_row": pose_with(np.diag([1., 0., 1.]) @ rotation(0)),
+             "nearly_singular": pose_with(rotation(0) @ np.diag([1., 1., 1e-6])),
+             "last_row": pose_with(rotation(0), last_row=(0, 0, 0, 2)),
+             "last_row_xyz": pose_with(rotation(0), last_row=(0.1, 0, 0, 1))}
+    paths = ["pose/000000.txt", "pose/000001.txt"]
+    with pytest.raises(ValueError, match=re.escape(f"pose/000001.txt: not a camera pose: {reason}")):
+        data_util.check_cam2world(np.stack([pose_with(rotation(1)), poses[case]]), paths)
+
+
+def test_check_cam2world_accepts_scaled_and_rounded_rotations(tmp_path):
+    poses = [pose_with(rotation(2)), pose_with(3.7 * rotation(3)), pose_with(0.01 * rotation(4))]
+    rounded = tmp_path / "rounded.txt"  # four decimals: orthonormal to ~1e-4 only
+    rounded.write_text(" ".join(f"{v:.4f}" for v in pose_with(rotation(5)).reshape(-1)))
+    poses.append(data_util.load_pose(rounded))
+    data_util.check_cam2world(np.stack(poses).astype(np.float32), [f"{i}.txt" for i in range(4)])
+

@@ -232,3 +232,26 @@ def test_broken_link_in_place_of_a_folder(tmp_path, folder):
         dataio.SceneClassDataset(str(root))
     assert "broken symbolic link" in str(info.value)
 
+
+# --- Poses that cannot be a camera fail at open ------------------------------------------------------------
+
+@pytest.mark.parametrize("text, reason", [
+    ("1 0 0 0\n0 1 0 0\n0 0 0 2\n0 0 0 1", "singular rotation part (det 0)"),  # a zero row
+    (" ".join(["0"] * 16), "singular rotation part (det 0)"),  # an all-zero pose
+    ("1 0 0 0\n0 1 0 0\n0 0 1 2\n0 0 1 1", "last row is 0 0 1 1, expected 0 0 0 1"),
+], ids=["singular", "zero", "last_row"])
+def test_pose_that_is_no_camera_fails_at_open(tmp_path, text, reason):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "pose" / "000002.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=names(path) + ": not a camera pose: " + re.escape(reason)):
+        dataio.SceneClassDataset(str(root))
+
+
+def test_scaled_rotation_pose_is_accepted(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "pose" / "000002.txt"
+    path.write_text("0 -2.5 0 1\n1.5 0 -2 0\n2 0 1.5 3\n0 0 0 1")  # 2.5 x a rotation
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
+    assert dataset[5][0][0]["pose"][0, 1] == -2.5
+
