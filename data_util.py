@@ -21,12 +21,15 @@ means "no surface" (background). The representable range is therefore (0, 65.535
 Every reader fails with ``FileNotFoundError`` (missing, a broken link, a folder where a file belongs),
 ``ValueError`` (bad contents) or ``PermissionError`` (unreadable), whose message starts with the offending
 path and says what is wrong and how to fix it; nothing is silently skipped or guessed. What is cheap is
-checked when a dataset is opened: ``check_cam2world`` (poses).
+checked when a dataset is opened: ``read_image_sizes`` (image headers) and ``check_cam2world`` (poses).
 """
 import functools
 import math
 import os
+import struct
+import zlib
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image  # Pillow, installed with imageio: called directly, imageio's dispatch cost 1-2 ms per file
@@ -138,7 +141,8 @@ def _decode(path, what):
     except PermissionError:
         raise PermissionError(f"{path}: {what} cannot be read (permission denied); fix its permissions") from None
     except Exception as err:  # Pillow raises many types for truncated or corrupt files
-        raise ValueError(f"{path}: cannot decode {what} ({type(err).__name__}: {err}); "
+        reason = ' '.join(str(err).split())  # one line: the entry points print this message as the whole error
+        raise ValueError(f"{path}: cannot decode {what} ({type(err).__name__}: {reason}); "
                          f"re-render or re-export this view, or remove it together with its pose") from None
 
 
@@ -159,6 +163,80 @@ def read_image_raw(path):
     if img.shape[2] < 3:  # gray or gray+alpha
         img = np.repeat(img[:, :, :1], 3, axis=2)
     return np.ascontiguousarray(img[:, :, :3])
+
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _png_size(head):
+    """(height, width) from the first 33 bytes of a PNG (signature, then the IHDR chunk), or None.
+
+    None when the bytes are not a well-formed PNG start (wrong signature, no IHDR first, bad CRC); the
+    caller then lets Pillow decide. Reading these bytes ourselves measured ~4x faster than ``Image.open``
+    (14 vs 40-60 us per file), which matters at 121k images (ShapeNet cars) checked at every start.
+    """
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b'IHDR':
+        return None
+    if zlib.crc32(head[12:29]) != struct.unpack('>I', head[29:33])[0]:
+        return None
+    width, height = struct.unpack('>II', head[16:24])
+    return height, width
+
+
+def read_image_size(path):
+    """(height, width) of an image file from its header, without decoding the pixels.
+
+    Checks what is cheap: the file exists (not a broken link), is not empty, starts like an image Pillow
+    can read, and has a positive size. A damaged body passes; ``read_image_raw`` finds it when decoding.
+    Errors name the path: FileNotFoundError (missing, broken link, a folder), ValueError (empty, not an
+    image, zero size), PermissionError (unreadable).
+    """
+    what = "image"
+    try:
+        with open(path, 'rb') as file:
+            head = file.read(33)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} {_why_missing(path)}") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{path}: {what} not found: this is a folder, not a file") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: {what} cannot be read (permission denied); fix its permissions") from None
+    fix = "re-render or re-export this view, or remove it together with its pose"
+    if not head:
+        raise ValueError(f"{path}: empty image file (0 bytes); {fix}")
+    size = _png_size(head)
+    if size is None:  # JPEG, or anything odd: Pillow reads the header and identifies the format
+        try:
+            with Image.open(path) as pil:
+                width, height = pil.size
+            size = height, width
+        except Exception as err:  # UnidentifiedImageError for non-images; others for malformed headers
+            reason = ' '.join(str(err).split())
+            raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {reason}); {fix}") from None
+    if min(size) <= 0:
+        raise ValueError(f"{path}: image header gives height {size[0]} and width {size[1]}; {fix}")
+    return size
+
+
+def read_image_sizes(paths, num_threads=None):
+    """(K, 2) int64 (height, width) of each image, by ``read_image_size``; raises for the first bad path.
+
+    Threads overlap the file opens (they release the GIL), which is what dominates on a cold or network
+    file system; the work is split into chunks so that 100k files do not become 100k futures.
+    """
+    paths = list(paths)
+    if not paths:
+        return np.zeros((0, 2), dtype=np.int64)
+    num_threads = num_threads or min(8, os.cpu_count() or 1)
+    chunk = max(1, min(1024, -(-len(paths) // num_threads)))
+
+    def sizes_of(start):
+        return [read_image_size(p) for p in paths[start:start + chunk]]
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        # map yields in order, so the error raised is the first bad file in dataset order
+        sizes = [size for part in pool.map(sizes_of, range(0, len(paths), chunk)) for size in part]
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 
 def to_unit_float(img):

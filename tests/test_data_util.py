@@ -117,6 +117,48 @@ def test_missing_file_behind_broken_link_says_so(tmp_path):
         data_util.load_pose(tmp_path / "p.txt")
 
 
+# --- Image headers (read at dataset open): errors name the file --------------------------------------
+
+def test_read_image_size_png_and_jpeg(tmp_path):
+    data_util.write_image(tmp_path / "a.png", np.zeros((5, 7, 3), np.uint8))
+    data_util.write_image(tmp_path / "b.jpg", np.zeros((6, 3, 3), np.uint8))  # Pillow reads JPEG headers
+    assert data_util.read_image_size(tmp_path / "a.png") == (5, 7)
+    assert data_util.read_image_size(tmp_path / "b.jpg") == (6, 3)
+    np.testing.assert_array_equal(data_util.read_image_sizes([tmp_path / "b.jpg", tmp_path / "a.png"]),
+                                  [[6, 3], [5, 7]])
+
+
+def test_read_image_size_broken_link_empty_garbage_folder(tmp_path):
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "broken.png"))) as info:
+        data_util.read_image_size(tmp_path / "broken.png")
+    assert "broken symbolic link" in str(info.value) and "gone.png" in str(info.value)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.png")) + ".*0 bytes"):
+        data_util.read_image_size(tmp_path / "empty.png")
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really an image")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "garbage.png")) + ".*not a readable image"):
+        data_util.read_image_size(tmp_path / "garbage.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "folder.png")) + ".*folder"):
+        data_util.read_image_size(tmp_path / "folder.png")
+    # in a batch, the first bad file in order is the one reported
+    good = tmp_path / "good.png"
+    data_util.write_image(good, np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.png"))):
+        data_util.read_image_sizes([good] * 5 + [tmp_path / "empty.png", tmp_path / "garbage.png"], num_threads=2)
+
+
+def test_decode_error_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "t.png"
+    data_util.write_image(path, np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:200])  # the header survives, the pixels do not
+    assert data_util.read_image_size(path) == (32, 32)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        data_util.load_rgb(path)
+    assert "\n" not in str(info.value)
+
+
 # --- Poses that cannot be a camera ------------------------------------------------------------------
 
 def rotation(seed):

@@ -1,6 +1,7 @@
 """SRN datasets (SPEC section 5): reference parity, semantics, and clear errors naming the path."""
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -125,17 +126,27 @@ def test_different_numbers_of_images_and_poses(tmp_path):
     assert "2 images" in str(info.value) and "3 poses" in str(info.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_unreadable_image(tmp_path, damage):
+def test_truncated_image_fails_when_decoded_with_one_line_naming_it(tmp_path):
     root = make_dataset(tmp_path / "data", side=16)
     path = root / "obj_01" / "rgb" / "000001.png"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image at all")
-    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
-    with pytest.raises(ValueError, match=names(path)):
+    path.write_bytes(data[: len(data) // 2])
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)  # its header is intact
+    with pytest.raises(ValueError, match=names(path)) as info:
         dataset[4]
+    assert "\n" not in str(info.value) and "cannot decode" in str(info.value)
     with pytest.raises(ValueError, match=names(path)):  # with preload, at construction
         dataio.SceneClassDataset(str(root), preload=True)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_garbage_image_fails_at_open(tmp_path, preload):
+    root = make_dataset(tmp_path / "data", side=16)
+    path = root / "obj_01" / "rgb" / "000001.png"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root), preload=preload)
+    assert "not a readable image" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["1 0 0 0 0 1 0 0 0 0 1 0 0 0 0", "1 0 0 0\n0 1 0 0\n0 0 1 inf\n0 0 0 1"])
@@ -233,6 +244,34 @@ def test_broken_link_in_place_of_a_folder(tmp_path, folder):
     assert "broken symbolic link" in str(info.value)
 
 
+# --- Image headers are checked at open -------------------------------------------------------------------
+
+def test_broken_image_link_fails_at_open(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "rgb" / "000002.png"
+    path.unlink()
+    path.symlink_to(tmp_path / "renders" / "000002.png")
+    with pytest.raises(FileNotFoundError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value)
+
+
+def test_empty_image_fails_at_open(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_00" / "rgb" / "000001.png"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "empty image file (0 bytes)" in str(info.value)
+
+
+def test_only_the_kept_views_are_checked(tmp_path):
+    root = make_dataset(tmp_path / "data", num_views=3)
+    (root / "obj_00" / "rgb" / "000001.png").write_bytes(b"")  # view 1 is not among the kept views
+    dataset = dataio.SceneClassDataset(str(root), specific_observation_idcs=[0, 2], samples_per_instance=1)
+    assert len(dataset) == 4
+
+
 # --- Poses that cannot be a camera fail at open ------------------------------------------------------------
 
 @pytest.mark.parametrize("text, reason", [
@@ -255,3 +294,39 @@ def test_scaled_rotation_pose_is_accepted(tmp_path):
     dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
     assert dataset[5][0][0]["pose"][0, 1] == -2.5
 
+
+# --- Warnings about image sizes: once per dataset, naming one file and the count -----------------------------
+
+def test_tiny_images_warn_once_naming_an_example(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=3, side=8)
+    with pytest.warns(UserWarning) as record:
+        dataset = dataio.SceneClassDataset(str(root), img_sidelength=17)  # 8 < 17 / 2: upsampled 2x+
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(str(root / "obj_00" / "rgb" / "000000.png")) and "6 of 6 images" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset.set_img_sidelength(32)  # already warned for this dataset
+        fine = dataio.SceneClassDataset(str(root), img_sidelength=16)  # exactly half: no warning
+    with pytest.warns(UserWarning, match=names(root / "obj_00" / "rgb" / "000000.png") + ".*upsampled"):
+        fine.set_img_sidelength(32)  # a later, larger stage warns then
+
+
+def test_image_size_disagreeing_with_intrinsics_warns_once(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=3, side=8)
+    intrinsics = root / "obj_01" / "intrinsics.txt"
+    data_util.write_intrinsics(intrinsics, 8., 4., 4., 8, 10)
+    with pytest.warns(UserWarning) as record:
+        dataio.SceneClassDataset(str(root))
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(str(root / "obj_01" / "rgb" / "000000.png") + ": image is 8x8")
+    assert str(intrinsics) in messages[0] and "says 8 10" in messages[0] and "3 of 6 images" in messages[0]
+
+
+def test_well_formed_dataset_opens_without_warnings(tmp_path):
+    root = make_dataset(tmp_path / "data", side=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataio.SceneClassDataset(str(root), img_sidelength=4)
+        dataio.SceneInstanceDataset(0, str(root / "obj_00"), img_sidelength=16)
