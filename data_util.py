@@ -18,6 +18,11 @@ millimetres of camera-space z (not distance along the ray) when the scene unit i
 means "no surface" (background). The representable range is therefore (0, 65.535] scene units.
 ``load_depth`` returns float32 depth in scene units with 0 for background.
 
+Camera of the served image: images are centre-square-cropped and resized to the side length s, and
+``rescale_intrinsics`` moves f, cx, cy through the same crop and resize, so every aspect ratio gets the
+right camera. The reference ignored the crop (exact for square images only, which is all the published
+datasets have); for square images both give identical numbers.
+
 Every reader fails with ``FileNotFoundError`` (missing, a broken link, a folder where a file belongs),
 ``ValueError`` (bad contents) or ``PermissionError`` (unreadable), whose message starts with the offending
 path and says what is wrong and how to fix it; nothing is silently skipped or guessed. What is cheap is
@@ -249,10 +254,11 @@ def to_unit_float(img):
 
 
 def square_crop(img):
-    """Centre square crop of an (H, W, ...) array: the min(H, W) rows and columns around the centre."""
-    height, width = img.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
+    """Centre square crop of an (H, W, ...) array: the min(H, W) rows and columns around the centre.
+
+    ``crop_box`` gives the same box from intrinsics.txt's size, for ``rescale_intrinsics``.
+    """
+    top, left, side = crop_box(*img.shape[:2])
     return img[top:top + side, left:left + side]
 
 
@@ -546,16 +552,33 @@ def intrinsics_matrix_np(f, cx, cy):
                      [0., 0., 0., 1.]], dtype=np.float32)
 
 
-def rescale_intrinsics(intrinsics, trgt_sidelength=None):
-    """(f, cx, cy) in pixels of an image of side ``trgt_sidelength``: f·s/height, cx·s/width, cy·s/height.
+def crop_box(height, width):
+    """(top, left, side) of the centre square crop of an image of ``height`` x ``width`` (``square_crop``)."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
 
-    The centre crop is not reflected (as in the reference), so this is exact for square images only.
+
+def rescale_intrinsics(intrinsics, trgt_sidelength=None):
+    """(f, cx, cy) in pixels of the served image: the stored one centre-cropped, then resized to s.
+
+    With height H and width W from intrinsics.txt's line 4, ``square_crop`` keeps the m = min(H, W) square
+    at (top, left) = ((H − m) // 2, (W − m) // 2) and the resize scales it by s / m, so a stored pixel
+    (x, y) becomes ((x − left)·s/m, (y − top)·s/m):
+
+        f' = f·s/m,   cx' = (cx − left)·s/m,   cy' = (cy − top)·s/m      (s = m when trgt_sidelength is None)
+
+    Where we differ from the reference: it computes f·s/H, cx·s/W, cy·s/H, which ignores the crop and is
+    exact for square images only; for those (m = H = W, no offset) the two agree to the last bit, in the
+    same order of operations. Non-square images now get the camera their pixels were cropped from.
     """
     f, cx, cy = intrinsics.f, intrinsics.cx, intrinsics.cy
+    top, left, side = crop_box(intrinsics.height, intrinsics.width)
+    cx, cy = cx - left, cy - top  # exact, and a no-op for square images
     if trgt_sidelength is not None:
-        cx = cx / intrinsics.width * trgt_sidelength
-        cy = cy / intrinsics.height * trgt_sidelength
-        f = trgt_sidelength / intrinsics.height * f
+        # the reference's order of operations, so that square images are bit-identical to it
+        cx = cx / side * trgt_sidelength
+        cy = cy / side * trgt_sidelength
+        f = trgt_sidelength / side * f
     return f, cx, cy
 
 
@@ -566,7 +589,11 @@ def parse_intrinsics(path, trgt_sidelength=None):
 
 def parse_intrinsics_legacy(path, trgt_sidelength=None, invert_y=False):
     """The reference's 5-tuple: (full_intrinsic (4, 4) float64, grid_barycenter (3,), scale, near_plane,
-    world2cam_poses), for scripts written against the original code."""
+    world2cam_poses), for scripts written against the original code.
+
+    The API is the reference's; f, cx, cy come from ``rescale_intrinsics``, so for non-square images they
+    account for the centre crop where the reference's did not (identical for square images).
+    """
     intrinsics = read_intrinsics(path)
     f, cx, cy = rescale_intrinsics(intrinsics, trgt_sidelength)
     full_intrinsic = intrinsics_matrix_np(f, cx, cy).astype(np.float64)

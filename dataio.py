@@ -11,6 +11,8 @@ fix its slow and silent parts (SPEC section 8):
   would shift the latent codes of the later instances), poses that cannot be a camera, and each kept
   image's header (exists, non-empty, an image); sizes that make training silently worse (images far
   below the side length, or disagreeing with intrinsics.txt) are warned about once per dataset;
+- non-square images get the camera of their centre-square crop (``data_util.rescale_intrinsics``; the
+  reference's intrinsics were right for square images only);
 - ``intrinsics.txt``, poses and params are parsed once, at construction; item lookup is O(log n);
 - ``preload=True`` decodes every selected image once (threads), centre-crops it and keeps it at full
   resolution in a single tensor. Resizing to the current side happens per item (a block mean

@@ -199,3 +199,20 @@ def test_check_cam2world_accepts_scaled_and_rounded_rotations(tmp_path):
     poses.append(data_util.load_pose(rounded))
     data_util.check_cam2world(np.stack(poses).astype(np.float32), [f"{i}.txt" for i in range(4)])
 
+
+# --- Intrinsics of non-square images: the camera of the centre-square crop --------------------------
+
+@pytest.mark.parametrize("height, width, side, expected", [
+    (20, 12, 6, (7.5, 2.65, 3.85)),  # portrait: m = 12, top = 4; f·6/12, 5.3·6/12, (11.7 − 4)·6/12
+    (12, 20, 6, (7.5, 0.65, 5.85)),  # landscape: m = 12, left = 4; (5.3 − 4)·6/12, 11.7·6/12
+    (20, 12, None, (15., 5.3, 7.7)),  # as stored: only the crop offset
+    (128, 128, 64, (65.625, 32., 32.)),  # square: the reference's f·s/H, cx·s/W, cy·s/H
+])
+def test_rescale_intrinsics_known_answers(tmp_path, height, width, side, expected):
+    path = tmp_path / "intrinsics.txt"
+    f, cx, cy = (131.25, 64., 64.) if height == 128 else (15., 5.3, 11.7)
+    data_util.write_intrinsics(path, f, cx, cy, height, width)
+    np.testing.assert_allclose(data_util.rescale_intrinsics(data_util.read_intrinsics(path), side), expected,
+                               rtol=1e-12)
+    full = data_util.parse_intrinsics_legacy(path, side)[0]  # the reference's API, the same camera
+    np.testing.assert_allclose([full[0, 0], full[0, 2], full[1, 2]], expected, rtol=1e-12)

@@ -188,6 +188,48 @@ def test_preload_serves_workers_from_ram(tmp_path):
     assert torch.equal(served, torch.stack(expected))
 
 
+# --- Non-square images: the served pixels and the served camera describe the same rays ---------------
+
+def coordinate_image(height, width):
+    """uint8 (H, W, 3) whose red is 10·column and green is 10·row: a pixel's colour names its position."""
+    rows, cols = np.mgrid[:height, :width]
+    return np.stack((10 * cols, 10 * rows, np.zeros_like(rows)), axis=-1).astype(np.uint8)
+
+
+def rays(xy, cam2world, intrinsics):
+    """(N, 3) float64 unit ray directions of pixel coordinates xy (N, 2), by geometry.py."""
+    from geometry import get_ray_directions
+    return get_ray_directions(torch.as_tensor(xy, dtype=torch.float64)[None], cam2world.double()[None],
+                              intrinsics.double()[None])[0]
+
+
+@pytest.mark.parametrize("height, width", [(20, 12), (12, 20)], ids=["portrait", "landscape"])
+@pytest.mark.parametrize("side", [12, 6])
+def test_non_square_image_gets_the_camera_of_its_crop(tmp_path, height, width, side):
+    f, cx, cy = 15., 5.3, 11.7  # off-centre principal point, pixels of the full stored image
+    inst = tmp_path / "data" / "obj"
+    (inst / "rgb").mkdir(parents=True)
+    (inst / "pose").mkdir()
+    data_util.write_image(inst / "rgb" / "000000.png", coordinate_image(height, width))
+    data_util.write_intrinsics(inst / "intrinsics.txt", f, cx, cy, height, width)
+    cam2world = np.eye(4)
+    cam2world[:3, :3] = np.array([[0., -1., 0.], [0.6, 0., -0.8], [0.8, 0., 0.6]])  # a rotation
+    data_util.write_pose(inst / "pose" / "000000.txt", cam2world)
+    obs = dataio.SceneClassDataset(str(tmp_path / "data"), img_sidelength=side, samples_per_instance=1)[0][0][0]
+
+    full_intrinsics = torch.from_numpy(data_util.intrinsics_matrix_np(f, cx, cy))
+    side_crop = min(height, width)
+    top, left, scale = (height - side_crop) // 2, (width - side_crop) // 2, side_crop / side
+    # the stored pixel each served pixel stands for (no half-pixel offset, SPEC section 4)
+    full_xy = obs["uv"].double() * scale + torch.tensor([left, top], dtype=torch.float64)  # (N, 2)
+    torch.testing.assert_close(rays(obs["uv"], obs["pose"], obs["intrinsics"]),
+                               rays(full_xy, obs["pose"], full_intrinsics), rtol=0, atol=1e-6)
+    # and the served colours come from there: area resizing averages a scale x scale block, whose mean
+    # position is (scale − 1) / 2 past that pixel in both directions, whatever the aspect ratio
+    colour_xy = ((obs["rgb"][:, :2].double() + 1) / 2 * 255 / 10)  # (N, 2) column, row
+    torch.testing.assert_close(colour_xy, full_xy + (scale - 1) / 2, rtol=0, atol=1e-4)
+
+
 # --- Entries of the root that cannot be read: an error, never a skipped (shifted) instance --------------
 
 def test_broken_symlink_instance_is_an_error_not_a_shift(tmp_path):
