@@ -1,6 +1,7 @@
 """SRN datasets (SPEC section 5): reference parity, semantics, and clear errors naming the path."""
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -125,17 +126,27 @@ def test_different_numbers_of_images_and_poses(tmp_path):
     assert "2 images" in str(info.value) and "3 poses" in str(info.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_unreadable_image(tmp_path, damage):
+def test_truncated_image_fails_when_decoded_with_one_line_naming_it(tmp_path):
     root = make_dataset(tmp_path / "data", side=16)
     path = root / "obj_01" / "rgb" / "000001.png"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image at all")
-    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
-    with pytest.raises(ValueError, match=names(path)):
+    path.write_bytes(data[: len(data) // 2])
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)  # its header is intact
+    with pytest.raises(ValueError, match=names(path)) as info:
         dataset[4]
+    assert "\n" not in str(info.value) and "cannot decode" in str(info.value)
     with pytest.raises(ValueError, match=names(path)):  # with preload, at construction
         dataio.SceneClassDataset(str(root), preload=True)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_garbage_image_fails_at_open(tmp_path, preload):
+    root = make_dataset(tmp_path / "data", side=16)
+    path = root / "obj_01" / "rgb" / "000001.png"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root), preload=preload)
+    assert "not a readable image" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["1 0 0 0 0 1 0 0 0 0 1 0 0 0 0", "1 0 0 0\n0 1 0 0\n0 0 1 inf\n0 0 0 1"])
@@ -175,3 +186,189 @@ def test_preload_serves_workers_from_ram(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=dataset.collate_fn)
     served = torch.cat([observations["rgb"] for observations, _ in loader])
     assert torch.equal(served, torch.stack(expected))
+
+
+# --- Non-square images: the served pixels and the served camera describe the same rays ---------------
+
+def coordinate_image(height, width):
+    """uint8 (H, W, 3) whose red is 10·column and green is 10·row: a pixel's colour names its position."""
+    rows, cols = np.mgrid[:height, :width]
+    return np.stack((10 * cols, 10 * rows, np.zeros_like(rows)), axis=-1).astype(np.uint8)
+
+
+def rays(xy, cam2world, intrinsics):
+    """(N, 3) float64 unit ray directions of pixel coordinates xy (N, 2), by geometry.py."""
+    from geometry import get_ray_directions
+    return get_ray_directions(torch.as_tensor(xy, dtype=torch.float64)[None], cam2world.double()[None],
+                              intrinsics.double()[None])[0]
+
+
+@pytest.mark.parametrize("height, width", [(20, 12), (12, 20)], ids=["portrait", "landscape"])
+@pytest.mark.parametrize("side", [12, 6])
+def test_non_square_image_gets_the_camera_of_its_crop(tmp_path, height, width, side):
+    f, cx, cy = 15., 5.3, 11.7  # off-centre principal point, pixels of the full stored image
+    inst = tmp_path / "data" / "obj"
+    (inst / "rgb").mkdir(parents=True)
+    (inst / "pose").mkdir()
+    data_util.write_image(inst / "rgb" / "000000.png", coordinate_image(height, width))
+    data_util.write_intrinsics(inst / "intrinsics.txt", f, cx, cy, height, width)
+    cam2world = np.eye(4)
+    cam2world[:3, :3] = np.array([[0., -1., 0.], [0.6, 0., -0.8], [0.8, 0., 0.6]])  # a rotation
+    data_util.write_pose(inst / "pose" / "000000.txt", cam2world)
+    obs = dataio.SceneClassDataset(str(tmp_path / "data"), img_sidelength=side, samples_per_instance=1)[0][0][0]
+
+    full_intrinsics = torch.from_numpy(data_util.intrinsics_matrix_np(f, cx, cy))
+    side_crop = min(height, width)
+    top, left, scale = (height - side_crop) // 2, (width - side_crop) // 2, side_crop / side
+    # the stored pixel each served pixel stands for (no half-pixel offset, SPEC section 4)
+    full_xy = obs["uv"].double() * scale + torch.tensor([left, top], dtype=torch.float64)  # (N, 2)
+    torch.testing.assert_close(rays(obs["uv"], obs["pose"], obs["intrinsics"]),
+                               rays(full_xy, obs["pose"], full_intrinsics), rtol=0, atol=1e-6)
+    # and the served colours come from there: area resizing averages a scale x scale block, whose mean
+    # position is (scale − 1) / 2 past that pixel in both directions, whatever the aspect ratio
+    colour_xy = ((obs["rgb"][:, :2].double() + 1) / 2 * 255 / 10)  # (N, 2) column, row
+    torch.testing.assert_close(colour_xy, full_xy + (scale - 1) / 2, rtol=0, atol=1e-4)
+
+
+# --- Entries of the root that cannot be read: an error, never a skipped (shifted) instance --------------
+
+def test_broken_symlink_instance_is_an_error_not_a_shift(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=3)
+    (root / "obj_00b").symlink_to(tmp_path / "unmounted" / "obj")  # sorts between obj_00 and obj_01
+    with pytest.raises(FileNotFoundError, match=names(root / "obj_00b")) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value) and "remove it" in str(info.value)
+
+
+def test_symlink_to_a_file_in_the_root_is_an_error(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    (tmp_path / "notes.txt").write_text("not an instance")
+    (root / "obj_05").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match=names(root / "obj_05")) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "link to a file" in str(info.value)
+
+
+def test_plain_files_and_linked_instances_in_the_root(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2)
+    (root / "README.txt").write_text("plain files are no instances (the reference globbed folders only)")
+    (root / ".DS_Store").write_bytes(b"\0")
+    make_dataset(tmp_path / "elsewhere", num_instances=1)
+    (root / "obj_01a").symlink_to(tmp_path / "elsewhere" / "obj_00")  # a working link is an instance
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
+    assert [os.path.basename(d.rstrip(os.sep)) for d in dataset.instance_dirs] == ["obj_00", "obj_01", "obj_01a"]
+
+
+def test_instance_folder_that_cannot_be_listed(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "data")
+    instance = root / "obj_01"
+    instance.chmod(0)
+    try:
+        if os.access(instance, os.R_OK | os.X_OK):  # root reads anything: pretend, as a user would see it
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path).rstrip(os.sep) !=
+                                str(instance) and real_access(path, mode, **kw))
+        with pytest.raises(PermissionError, match=names(instance)) as info:
+            dataio.SceneClassDataset(str(root))
+        assert "permission denied" in str(info.value)
+    finally:
+        instance.chmod(0o755)
+
+
+@pytest.mark.parametrize("folder", ["rgb", "pose", "params"])
+def test_broken_link_in_place_of_a_folder(tmp_path, folder):
+    root = make_dataset(tmp_path / "data", params=True)
+    target = root / "obj_01" / folder
+    target.rename(tmp_path / "moved")
+    target.symlink_to(tmp_path / "gone")  # a broken params/ must not read as "this instance has no params"
+    with pytest.raises(FileNotFoundError, match=names(target)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value)
+
+
+# --- Image headers are checked at open -------------------------------------------------------------------
+
+def test_broken_image_link_fails_at_open(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "rgb" / "000002.png"
+    path.unlink()
+    path.symlink_to(tmp_path / "renders" / "000002.png")
+    with pytest.raises(FileNotFoundError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "broken symbolic link" in str(info.value)
+
+
+def test_empty_image_fails_at_open(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_00" / "rgb" / "000001.png"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=names(path)) as info:
+        dataio.SceneClassDataset(str(root))
+    assert "empty image file (0 bytes)" in str(info.value)
+
+
+def test_only_the_kept_views_are_checked(tmp_path):
+    root = make_dataset(tmp_path / "data", num_views=3)
+    (root / "obj_00" / "rgb" / "000001.png").write_bytes(b"")  # view 1 is not among the kept views
+    dataset = dataio.SceneClassDataset(str(root), specific_observation_idcs=[0, 2], samples_per_instance=1)
+    assert len(dataset) == 4
+
+
+# --- Poses that cannot be a camera fail at open ------------------------------------------------------------
+
+@pytest.mark.parametrize("text, reason", [
+    ("1 0 0 0\n0 1 0 0\n0 0 0 2\n0 0 0 1", "singular rotation part (det 0)"),  # a zero row
+    (" ".join(["0"] * 16), "singular rotation part (det 0)"),  # an all-zero pose
+    ("1 0 0 0\n0 1 0 0\n0 0 1 2\n0 0 1 1", "last row is 0 0 1 1, expected 0 0 0 1"),
+], ids=["singular", "zero", "last_row"])
+def test_pose_that_is_no_camera_fails_at_open(tmp_path, text, reason):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "pose" / "000002.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=names(path) + ": not a camera pose: " + re.escape(reason)):
+        dataio.SceneClassDataset(str(root))
+
+
+def test_scaled_rotation_pose_is_accepted(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    path = root / "obj_01" / "pose" / "000002.txt"
+    path.write_text("0 -2.5 0 1\n1.5 0 -2 0\n2 0 1.5 3\n0 0 0 1")  # 2.5 x a rotation
+    dataset = dataio.SceneClassDataset(str(root), samples_per_instance=1)
+    assert dataset[5][0][0]["pose"][0, 1] == -2.5
+
+
+# --- Warnings about image sizes: once per dataset, naming one file and the count -----------------------------
+
+def test_tiny_images_warn_once_naming_an_example(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=3, side=8)
+    with pytest.warns(UserWarning) as record:
+        dataset = dataio.SceneClassDataset(str(root), img_sidelength=17)  # 8 < 17 / 2: upsampled 2x+
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(str(root / "obj_00" / "rgb" / "000000.png")) and "6 of 6 images" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset.set_img_sidelength(32)  # already warned for this dataset
+        fine = dataio.SceneClassDataset(str(root), img_sidelength=16)  # exactly half: no warning
+    with pytest.warns(UserWarning, match=names(root / "obj_00" / "rgb" / "000000.png") + ".*upsampled"):
+        fine.set_img_sidelength(32)  # a later, larger stage warns then
+
+
+def test_image_size_disagreeing_with_intrinsics_warns_once(tmp_path):
+    root = make_dataset(tmp_path / "data", num_instances=2, num_views=3, side=8)
+    intrinsics = root / "obj_01" / "intrinsics.txt"
+    data_util.write_intrinsics(intrinsics, 8., 4., 4., 8, 10)
+    with pytest.warns(UserWarning) as record:
+        dataio.SceneClassDataset(str(root))
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(str(root / "obj_01" / "rgb" / "000000.png") + ": image is 8x8")
+    assert str(intrinsics) in messages[0] and "says 8 10" in messages[0] and "3 of 6 images" in messages[0]
+
+
+def test_well_formed_dataset_opens_without_warnings(tmp_path):
+    root = make_dataset(tmp_path / "data", side=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataio.SceneClassDataset(str(root), img_sidelength=4)
+        dataio.SceneInstanceDataset(0, str(root / "obj_00"), img_sidelength=16)
