@@ -411,39 +411,6 @@ class MeshRenderer:
         touch = ((b0.amax((1, 2)) >= -1e-6) & (b1.amax((1, 2)) >= -1e-6) & (b2.amax((1, 2)) >= -1e-6))
         return (torch.cat((small, tri[touch])), torch.cat((low[small], origin[touch])),
                 torch.cat((extent[small], size[touch])))
-        inv_det = 1.0 / det[ids]
-        a1, c1 = e2[ids, 1] * inv_det, -e2[ids, 0] * inv_det
-        a2, c2 = -e1[ids, 1] * inv_det, e1[ids, 0] * inv_det
-        d1 = -(a1 * p0[ids, 0] + c1 * p0[ids, 1])
-        d2 = -(a2 * p0[ids, 0] + c2 * p0[ids, 1])
-        # Per triangle: 6 barycentric coefficients, 3 inverse depths, bbox origin, bbox width.
-        table = torch.stack((a1, c1, d1, a2, c2, d2, inv_depth[ids, 0], inv_depth[ids, 1],
-                             inv_depth[ids, 2], low[ids, 0], low[ids, 1],
-                             extent[ids, 0].to(screen.dtype)), dim=1)  # (F', 12)
-        count = count[ids]
-        ends = torch.cumsum(count, 0)
-        # Chunks of triangles holding at most _MAX_FRAGMENTS candidate samples (one big triangle
-        # may exceed it alone; it then forms its own chunk).
-        bounds = [0]
-        total = int(ends[-1])
-        if total > _MAX_FRAGMENTS:
-            cuts = torch.searchsorted(ends, torch.arange(_MAX_FRAGMENTS, total, _MAX_FRAGMENTS,
-                                                         device=device), right=True)
-            bounds += sorted(set(int(c) for c in cuts.tolist()) - {0, len(ids)})
-        bounds.append(len(ids))
-        eps = -1e-6  # samples exactly on a shared edge must not fall between its two triangles
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            chunk_count = count[start:stop]
-            tri = torch.repeat_interleave(torch.arange(start, stop, device=device), chunk_count)  # (K,)
-            first = (ends[start:stop] - chunk_count) - (ends[start] - chunk_count[0])
-            local = torch.arange(len(tri), device=device) - torch.repeat_interleave(first, chunk_count)
-            row = table[tri]                                          # (K, 12)
-            width = row[:, 11]
-            local_y = torch.div(local, width.long(), rounding_mode='floor')
-            x = row[:, 9] + (local - local_y * width.long()).to(row.dtype)   # (K,) sample column
-            y = row[:, 10] + local_y.to(row.dtype)                            # (K,) sample row
-            _depth_test(key, row, x, y, tri, ids, side, eps)
-        return key
 
     def _sample_texture(self, texture, uv):
         """Bilinear, repeating, texel centres at (i + 0.5) / W; uv (P, 2) with v up -> (P, 3)."""
@@ -646,8 +613,8 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
     """Render every mesh under ``mesh_dir`` into SRN-format instances under ``output_dir/<split>/``.
 
     Arguments are those of the command line (see ``get_parser``). A mesh that fails is recorded and
-    skipped. Returns a dict: ``rendered`` and ``skipped`` frame counts, ``instances`` (name -> split)
-    and ``failures``, a list of (mesh path, error message).
+    skipped. Returns a dict: ``rendered`` and ``skipped`` frame counts, ``instances`` (name -> list of
+    its splits; meshes that failed are left out) and ``failures``, a list of (mesh path, error message).
     """
     mesh_dir, output_dir = pathlib.Path(mesh_dir), pathlib.Path(output_dir)
     mesh_paths = find_meshes(mesh_dir, patterns)
@@ -708,6 +675,8 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
             if str(mesh_path) not in message:
                 message = f"{mesh_path}: {type(error).__name__}: {message}"
             summary['failures'].append((str(mesh_path), message))
+            # A failed mesh is not an instance of the dataset, even if some of its frames were written.
+            summary['instances'].pop(name, None)
     if bar is not None:
         bar.close()
     return summary
@@ -763,7 +732,8 @@ def main(argv=None):
         upper_hemisphere=opt.upper_hemisphere, progress=not opt.no_progress)
     counts = {s: sum(s in splits for splits in summary['instances'].values()) for s in SPLITS}
     print(f"{summary['rendered']} frames rendered, {summary['skipped']} already there; instances: "
-          + ', '.join(f'{s} {counts[s]}' for s in SPLITS) + f"; written to {opt.output_dir}")
+          + ', '.join(f'{s} {counts[s]}' for s in SPLITS)
+          + f"; {len(summary['failures'])} mesh(es) failed; written to {opt.output_dir}")
     if summary['failures']:
         print(f"{len(summary['failures'])} mesh(es) failed:", file=sys.stderr)
         for _, message in summary['failures']:

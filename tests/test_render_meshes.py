@@ -234,13 +234,27 @@ def test_unreadable_mesh_is_reported_and_others_render(tmp_path, capsys):
                                  '--num_val_views', '0', '--num_test_views', '1', '--supersample', '1',
                                  '--device', 'cpu', '--no_progress'])
     assert status == 1
-    errors = capsys.readouterr().err
+    captured = capsys.readouterr()
+    errors = captured.err
     assert '2 mesh(es) failed' in errors
+    # The closing summary counts only the mesh that rendered as an instance of each split.
+    assert 'instances: train 1, val 0, test 1; 2 mesh(es) failed' in captured.out
+    assert '3 frames rendered' in captured.out
     assert str(mesh_dir / 'broken.glb') in errors and str(mesh_dir / 'empty.obj') in errors
     for split, count in (('train', 2), ('test', 1)):
         assert len(list((tmp_path / 'out' / split / 'sphere' / 'rgb').glob('*.png'))) == count
         assert len(list((tmp_path / 'out' / split / 'sphere' / 'pose').glob('*.txt'))) == count
     assert not (tmp_path / 'out' / 'train' / 'broken').exists()
+
+
+def test_summary_counts_failed_meshes_as_failed(tmp_path):
+    mesh_dir = tmp_path / 'meshes'
+    write_sphere(mesh_dir, subdivisions=1)
+    (mesh_dir / 'broken.ply').write_text('ply\nformat nonsense\n')
+    summary = render(mesh_dir, tmp_path / 'out', sidelength=16, num_train_views=2, num_test_views=1)
+    assert summary['instances'] == {'sphere': ['train', 'test']}
+    assert [path for path, _ in summary['failures']] == [str(mesh_dir / 'broken.ply')]
+    assert summary['rendered'] == 3
 
 
 def test_resume_skips_existing_frames(tmp_path):
