@@ -42,7 +42,9 @@ train, other sphere views (``num_val_views``) for val, the spiral for test.
 Views are a function of (seed, split, instance name) only, so an interrupted run resumes: frames whose
 rgb, depth and pose files exist are skipped (the pose is written last), and a mesh whose frames all
 exist is not even loaded. A mesh that cannot be read or rendered is reported, the others go on, and
-``main`` exits non-zero after a summary.
+``main`` exits non-zero after a summary. Texture and material files are looked for as other tools write
+their names (``find_asset``: MTL options, Windows paths, letter case, absolute paths from elsewhere); a
+mesh rendered without one it names (not found, or not decodable) is listed in the summary as a warning.
 
 Shape vocabulary here: ``V`` vertices, ``F`` triangles, ``P`` covered pixels (samples), ``K`` fragments
 (candidate pixel-triangle pairs), ``s`` side length, ``S = s * supersample``.
@@ -54,8 +56,10 @@ import json
 import math
 import os
 import pathlib
+import re
 import struct
 import sys
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -177,6 +181,140 @@ def _is_stand_in(material):
             and image.tobytes() == reference.tobytes())
 
 
+# --- Files that meshes name ----------------------------------------------------------------------
+#
+# MTL and glTF files name their textures as their authors' tools wrote them: with MTL options in front
+# ('-s 1 1 1 tex.jpg'), with Windows separators ('.\textures\tex.jpg'), in another letter case than the
+# file on disk, or as absolute paths on the author's machine. Blender finds these; so does this module.
+
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tga', '.tif', '.tiff', '.gif', '.webp')
+# MTL map statement options ('map_Kd [-option values ...] file') and their number of values;
+# -o, -s and -t take one to three numbers.
+_MAP_OPTIONS = {'-blendu': 1, '-blendv': 1, '-bm': 1, '-boost': 1, '-cc': 1, '-clamp': 1,
+                '-imfchan': 1, '-mm': 2, '-o': 3, '-s': 3, '-t': 3, '-texres': 1, '-type': 1}
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_map_statement(text):
+    """Split the argument of an MTL map statement into its file name and options.
+
+    '-s 2 2 1 -bm 0.5 my tex.png' -> ('my tex.png', {'-s': ['2', '2', '1'], '-bm': ['0.5']}). The
+    file name is the rest of the line after the options, so it may contain spaces.
+    """
+    tokens = list(re.finditer(r'\S+', text))
+    options, index = {}, 0
+    # The last token is always the file name, even if it looks like an option.
+    while index < len(tokens) - 1 and tokens[index].group().lower() in _MAP_OPTIONS:
+        key = tokens[index].group().lower()
+        index += 1
+        values = []
+        while (len(values) < _MAP_OPTIONS[key] and index < len(tokens) - 1
+               and (key not in ('-o', '-s', '-t') or _is_number(tokens[index].group()))):
+            values.append(tokens[index].group())
+            index += 1
+        options[key] = values
+    return (text[tokens[index].start():].strip() if tokens else ''), options
+
+
+def _case_insensitive(folder, relative):
+    """The existing file that the relative POSIX path ``relative`` names below ``folder`` when letter
+    case is ignored (files made on Windows or macOS), else None. Exact matches are preferred."""
+    path = pathlib.Path(folder)
+    for part in pathlib.PurePosixPath(relative).parts:
+        if part in ('.', '..') or (path / part).exists():
+            path = path / part
+            continue
+        try:
+            matches = sorted(entry for entry in os.listdir(path) if entry.lower() == part.lower())
+        except OSError:  # not a folder
+            return None
+        if not matches:
+            return None
+        path = path / matches[0]
+    return path if path.is_file() else None
+
+
+def find_asset(folder, name):
+    """The file that ``name`` -- a texture, MTL library or glTF buffer as written in a mesh file --
+    refers to, looked up from ``folder`` (the mesh's); None if there is none.
+
+    Tried in turn: the name as written; without MTL options, with backslashes as separators and
+    %-escapes decoded; the same, ignoring letter case; its last component alone in ``folder`` (an
+    absolute path from another machine, 'C:\\Users\\me\\car\\paint.jpg'), also ignoring case.
+    """
+    folder = pathlib.Path(folder)
+    written = name.strip()
+    file_name = parse_map_statement(written)[0].replace('\\', '/')
+    candidates = list(dict.fromkeys((written, file_name, urllib.parse.unquote(file_name))))
+    for candidate in candidates:
+        if candidate and (folder / candidate).is_file():  # an absolute candidate replaces folder
+            return folder / candidate
+    for candidate in candidates:
+        if candidate and not pathlib.PurePosixPath(candidate).is_absolute():
+            match = _case_insensitive(folder, candidate)
+            if match is not None:
+                return match
+    base = file_name.rsplit('/', 1)[-1]
+    if base and (folder / base).is_file():
+        return folder / base
+    return _case_insensitive(folder, base) if base else None
+
+
+def _image_problem(data):
+    """Why ``data`` is not an image Pillow can open, or None."""
+    import io
+    from PIL import Image, UnidentifiedImageError
+    try:
+        Image.open(io.BytesIO(data))
+        return None
+    except UnidentifiedImageError:
+        return "not an image format Pillow reads"
+    except Exception as error:  # Pillow raises many types for damaged files
+        return f"{type(error).__name__}: {error}"
+
+
+class _AssetResolver:
+    """A trimesh resolver (trimesh calls ``get`` or ``[]`` with the name as written in the file) that
+    finds files with ``find_asset`` and records what it could not find or read, for the summary.
+    Everything else is delegated to trimesh's own file resolver."""
+
+    def __init__(self, mesh_path, base):
+        self._base = base
+        self.folder = pathlib.Path(mesh_path).absolute().parent
+        self.problems = []  # messages, in the order met
+
+    def __getattr__(self, attribute):  # only called for attributes not found on self
+        if attribute.startswith('_'):  # e.g. while copying, before _base exists
+            raise AttributeError(attribute)
+        return getattr(self._base, attribute)
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def get(self, name):
+        path = find_asset(self.folder, name)
+        suffix = pathlib.PurePosixPath(parse_map_statement(name)[0].replace('\\', '/')).suffix.lower()
+        kind = ('texture' if suffix in _IMAGE_SUFFIXES else 'material library' if suffix == '.mtl'
+                else 'file')
+        # Names are quoted as written, backslashes and all, so they can be found in the file.
+        if path is None:
+            self.problems.append(f"{kind} '{name.strip()}' not found in {self.folder}")
+            raise FileNotFoundError(f"{name}: not found in {self.folder}")
+        data = path.read_bytes()
+        if kind == 'texture':
+            problem = _image_problem(data)
+            if problem is not None:
+                self.problems.append(f"texture '{name.strip()}' ({path}) cannot be read: {problem}")
+        return data
+
+
 # --- Meshes --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -203,6 +341,16 @@ class _BaseColor:
     color: np.ndarray           # (3,) the flat colour, or the texture's multiplier
     fallback: np.ndarray        # (3,) the colour used when the texture cannot be (no UVs, unreadable)
     image: object = None        # PIL image of the base colour texture, sRGB-encoded
+    uv_scale: tuple = (1.0, 1.0)    # texture coordinates are uv * uv_scale + uv_offset (MTL -s, -o)
+    uv_offset: tuple = (0.0, 0.0)
+
+
+def _uv_transform(options):
+    """(scale, offset) of the texture coordinates from MTL map options -s and -o (u, v; w is unused)."""
+    def first_two(values, default):
+        numbers = [float(value) for value in values[:2]]
+        return tuple(numbers + [default] * (2 - len(numbers)))
+    return first_two(options.get('-s', []), 1.0), first_two(options.get('-o', []), 0.0)
 
 
 def _base_color(material, context):
@@ -229,7 +377,11 @@ def _base_color(material, context):
     else:
         flat = default
     image = getattr(material, 'image', None)
-    return _BaseColor(np.ones(3) if image is not None else flat, flat, image)
+    if image is None:
+        return _BaseColor(flat, flat)
+    # trimesh keeps the map_Kd statement's argument, options included.
+    scale, offset = _uv_transform(parse_map_statement(image.info.get('file_path') or '')[1])
+    return _BaseColor(np.ones(3), flat, image, scale, offset)
 
 
 @dataclasses.dataclass
@@ -269,7 +421,8 @@ def _appearance(mesh, textures, texture_ids, context):
                 color = base.fallback
             else:
                 face_texture[:] = texture_id
-                corner_uv = np.asarray(uv, np.float32)[faces]
+                uv = np.asarray(uv, np.float64) * base.uv_scale + base.uv_offset
+                corner_uv = uv.astype(np.float32)[faces]
         corner_color[:] = color
         # glTF: COLOR_0 multiplies the material's base colour (trimesh keeps it aside when there is one).
         vertex_colors = visual.vertex_attributes.get('color')
@@ -284,9 +437,9 @@ def _appearance(mesh, textures, texture_ids, context):
 
 
 def _image_name(image):
-    """How to name a texture in a message: its file as the material names it, else 'embedded'."""
-    name = image.info.get('file_path') if hasattr(image, 'info') else None
-    return repr(name) if name else '(embedded)'
+    """How to name a texture in a message: its file as the material names it, else '(embedded)'."""
+    written = image.info.get('file_path') if hasattr(image, 'info') else None
+    return f"'{parse_map_statement(written)[0]}'" if written else '(embedded)'
 
 
 def _texture_id(image, textures, texture_ids, context):
@@ -321,8 +474,10 @@ def load_mesh(path):
 
     Scenes are flattened with their node transforms; every part keeps its own material. The result
     is in the file's own frame; ``normalize_mesh`` turns it z-up, centres and scales it. Colours are
-    linear RGB (see "Colour" above). Problems that leave the mesh renderable -- a texture that cannot
-    be decoded or applied -- are listed in ``MeshData.warnings``.
+    linear RGB (see "Colour" above). Files the mesh names are found as ``find_asset`` says. Problems
+    that leave the mesh renderable -- a texture or material library that is not found, a texture that
+    cannot be decoded or applied -- are listed in ``MeshData.warnings``; the material's flat colour
+    stands in for a missing texture (Kd for OBJ, baseColorFactor for glTF).
     Raises ValueError naming the file when it cannot be read or holds no triangles.
     """
     import trimesh
@@ -336,6 +491,8 @@ def load_mesh(path):
             resolver = trimesh.resolvers.FilePathResolver(path, allow_anywhere=True)
         except TypeError:
             resolver = trimesh.resolvers.FilePathResolver(path)
+        # trimesh skips what it cannot find in silence; ours finds more and keeps a list.
+        resolver = _AssetResolver(path, resolver)
         scene = trimesh.load(path, force='scene', process=False, resolver=resolver)
         parts = list(_scene_parts(scene))
     except Exception as error:  # trimesh raises many types; the caller wants the file and the reason
@@ -344,7 +501,7 @@ def load_mesh(path):
         raise ValueError(f"{path}: no triangles in the file")
     suffix = pathlib.Path(path).suffix.lower()
     context = _LoadContext(linear_vertex_colors=suffix in ('.gltf', '.glb'),
-                           gltf_factors=_gltf_base_color_factors(path), warnings=[])
+                           gltf_factors=_gltf_base_color_factors(path), warnings=list(resolver.problems))
     positions, faces, colors, uvs, face_textures = [], [], [], [], []
     textures, texture_ids = [], {}
     offset = 0
@@ -911,7 +1068,8 @@ def main(argv=None):
           + ', '.join(f'{s} {counts[s]}' for s in SPLITS)
           + f"; {len(summary['failures'])} mesh(es) failed; written to {opt.output_dir}")
     if summary['warnings']:
-        print(f"{len(summary['warnings'])} mesh(es) rendered with warnings:", file=sys.stderr)
+        print(f"{len(summary['warnings'])} mesh(es) rendered with warnings (flat colours stand in for what "
+              "was not loaded):", file=sys.stderr)
         for _, message in summary['warnings']:
             print(f"  {message}", file=sys.stderr)
     if summary['failures']:

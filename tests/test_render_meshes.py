@@ -349,6 +349,76 @@ def test_uv_without_material_renders_at_default_albedo(tmp_path):
     assert checked >= 3
 
 
+# --- Texture paths as other tools write them -------------------------------------------------------
+
+@pytest.mark.parametrize('reference, location', [
+    ('.\\tex.png', 'tex.png'),                               # Windows relative path
+    ('textures\\tex.png', 'textures/tex.png'),
+    ('Textures\\TEX.png', 'textures/tex.png'),               # written on a case-insensitive file system
+    ('-s 1 1 1 -bm 0.5 tex.png', 'tex.png'),                 # MTL options before the file name
+    ('C:\\Users\\artist\\Desktop\\car\\tex.png', 'tex.png'),  # absolute, on the author's machine
+    ('/home/artist/car/maps/tex.png', 'tex.png'),
+])
+def test_texture_paths_as_written_by_other_tools_are_found(tmp_path, reference, location):
+    write_textured_cube(tmp_path / 'meshes', texture_name=location, texture_ref=reference)
+    summary = render(tmp_path / 'meshes', tmp_path / 'out', sidelength=32, num_train_views=1, shading='unlit')
+    assert not summary['failures'] and not summary['warnings']
+    rgb = load_png(tmp_path / 'out' / 'train' / 'cube' / 'rgb' / '000000.png').reshape(-1, 3)
+    # Rendered with the texture (its four colours), not with the material's Kd 1 1 1 (white).
+    for colour in (RED, GREEN, BLUE, YELLOW):
+        assert (rgb == colour).all(1).sum() >= 5, f"{colour} not rendered"
+
+
+def test_mtl_map_options(tmp_path):
+    assert render_meshes.parse_map_statement('-s 2 3 1 -o 0.5 -clamp on -bm 0.2 my tex.png') == (
+        'my tex.png', {'-s': ['2', '3', '1'], '-o': ['0.5'], '-clamp': ['on'], '-bm': ['0.2']})
+    assert render_meshes.parse_map_statement('-o.png') == ('-o.png', {})  # a name, not an option
+    # -s and -o scale and shift the texture coordinates, as in Blender's importer.
+    path = write_textured_cube(tmp_path, texture_ref='-s 2 3 1 -o 0.5 0.25 tex.png')
+    mesh = render_meshes.load_mesh(path)
+    _, faces, uv = cube_arrays()
+    assert len(mesh.textures) == 1 and not mesh.warnings
+    np.testing.assert_allclose(np.sort(mesh.corner_uv.reshape(-1, 2), axis=0),
+                               np.sort((uv * [2, 3] + [0.5, 0.25])[faces].reshape(-1, 2), axis=0), atol=1e-6)
+
+
+def test_textures_that_cannot_be_loaded_are_reported_per_mesh(tmp_path, capsys):
+    mesh_dir = tmp_path / 'meshes'
+    kd = 'newmtl material\nKd 0.85 0.25 0.05\n'
+    write_obj_cube(mesh_dir / 'missing.obj', uv=True, mtl=kd + 'map_Kd .\\maps\\paint.png\n')
+    write_obj_cube(mesh_dir / 'garbage.obj', uv=True, mtl=kd + 'map_Kd garbage.png\n')
+    (mesh_dir / 'garbage.png').write_bytes(b'not a PNG at all')
+    write_obj_cube(mesh_dir / 'truncated.obj', uv=True, mtl=kd + 'map_Kd truncated.png\n')
+    write_textured_cube(tmp_path / 'scratch')  # a valid PNG, cut short: its header reads, its pixels do not
+    (mesh_dir / 'truncated.png').write_bytes((tmp_path / 'scratch' / 'tex.png').read_bytes()[:-40])
+    write_obj_cube(mesh_dir / 'no_library.obj', uv=True, mtl=None)
+    (mesh_dir / 'no_library.obj').write_text('mtllib elsewhere.mtl\n' + (mesh_dir / 'no_library.obj').read_text())
+    write_sphere(mesh_dir, name='fine', subdivisions=1)
+    summary = render(mesh_dir, tmp_path / 'out', sidelength=16, num_train_views=1, shading='unlit')
+    assert not summary['failures']
+    warnings = dict(summary['warnings'])
+    assert sorted(warnings) == sorted(str(mesh_dir / f'{name}.obj')
+                                      for name in ('missing', 'garbage', 'truncated', 'no_library'))
+    assert "texture '.\\maps\\paint.png' not found" in warnings[str(mesh_dir / 'missing.obj')]
+    assert "texture 'garbage.png'" in warnings[str(mesh_dir / 'garbage.obj')]
+    assert "cannot be read" in warnings[str(mesh_dir / 'garbage.obj')]
+    assert "texture 'truncated.png' cannot be decoded" in warnings[str(mesh_dir / 'truncated.obj')]
+    assert "material library 'elsewhere.mtl' not found" in warnings[str(mesh_dir / 'no_library.obj')]
+    # What stands in: the material's Kd (linear, so 237 137 63), or the default grey without a material.
+    for name, colour in (('missing', [237, 137, 63]), ('garbage', [237, 137, 63]), ('truncated', [237, 137, 63]),
+                         ('no_library', [218] * 3)):
+        assert covered_colours(tmp_path / 'out', name).tolist() == [colour], name
+    # The command line lists them after the run, one line per mesh, and still succeeds.
+    status = render_meshes.main(['--mesh_dir', str(mesh_dir), '--output_dir', str(tmp_path / 'out2'),
+                                 '--sidelength', '16', '--num_train_views', '1', '--split', 'by_view',
+                                 '--num_val_views', '0', '--num_test_views', '0', '--supersample', '1',
+                                 '--device', 'cpu', '--no_progress'])
+    assert status == 0
+    errors = capsys.readouterr().err.splitlines()
+    assert any(line.startswith('4 mesh(es) rendered with warnings') for line in errors)
+    assert sum(str(mesh_dir / 'missing.obj') in line and 'paint.png' in line for line in errors) == 1
+
+
 def convex_hull(points):
     """Counter-clockwise convex hull (monotone chain) of (n, 2) points."""
     points = sorted(map(tuple, points))
