@@ -2,8 +2,10 @@
 
 Known answers: the depth of a sphere against the analytic ray-sphere depth, the colours of a textured
 cube's texture quadrants at the pixels where they should project, and the cube's silhouette against the
-projection of its corners through the poses and intrinsics read back by ``dataio``. Plus failure reports,
-resuming, splits and the ShapeNet folder layout. Tiny images and few views: the file runs in seconds.
+projection of its corners through the poses and intrinsics read back by ``dataio``; colours against the
+sRGB encoding of linear values (glTF factors and vertex colours, MTL Kd, the default albedo under the light
+rig), written out here independently. Plus texture paths as other tools write them, failure and warning
+reports, resuming, splits and the ShapeNet folder layout. Tiny images and few views: the file runs in seconds.
 """
 import math
 import pathlib
@@ -391,6 +393,8 @@ def test_textures_that_cannot_be_loaded_are_reported_per_mesh(tmp_path, capsys):
     write_obj_cube(mesh_dir / 'truncated.obj', uv=True, mtl=kd + 'map_Kd truncated.png\n')
     write_textured_cube(tmp_path / 'scratch')  # a valid PNG, cut short: its header reads, its pixels do not
     (mesh_dir / 'truncated.png').write_bytes((tmp_path / 'scratch' / 'tex.png').read_bytes()[:-40])
+    write_obj_cube(mesh_dir / 'no_uv.obj', uv=False, mtl=kd + 'map_Kd good.png\n')  # nowhere to apply it
+    (mesh_dir / 'good.png').write_bytes((tmp_path / 'scratch' / 'tex.png').read_bytes())
     write_obj_cube(mesh_dir / 'no_library.obj', uv=True, mtl=None)
     (mesh_dir / 'no_library.obj').write_text('mtllib elsewhere.mtl\n' + (mesh_dir / 'no_library.obj').read_text())
     write_sphere(mesh_dir, name='fine', subdivisions=1)
@@ -398,15 +402,16 @@ def test_textures_that_cannot_be_loaded_are_reported_per_mesh(tmp_path, capsys):
     assert not summary['failures']
     warnings = dict(summary['warnings'])
     assert sorted(warnings) == sorted(str(mesh_dir / f'{name}.obj')
-                                      for name in ('missing', 'garbage', 'truncated', 'no_library'))
+                                      for name in ('missing', 'garbage', 'truncated', 'no_uv', 'no_library'))
     assert "texture '.\\maps\\paint.png' not found" in warnings[str(mesh_dir / 'missing.obj')]
     assert "texture 'garbage.png'" in warnings[str(mesh_dir / 'garbage.obj')]
     assert "cannot be read" in warnings[str(mesh_dir / 'garbage.obj')]
     assert "texture 'truncated.png' cannot be decoded" in warnings[str(mesh_dir / 'truncated.obj')]
+    assert "texture 'good.png' not applied: no UV coordinates" in warnings[str(mesh_dir / 'no_uv.obj')]
     assert "material library 'elsewhere.mtl' not found" in warnings[str(mesh_dir / 'no_library.obj')]
     # What stands in: the material's Kd (linear, so 237 137 63), or the default grey without a material.
-    for name, colour in (('missing', [237, 137, 63]), ('garbage', [237, 137, 63]), ('truncated', [237, 137, 63]),
-                         ('no_library', [218] * 3)):
+    for name in ('missing', 'garbage', 'truncated', 'no_uv', 'no_library'):
+        colour = [218] * 3 if name == 'no_library' else [237, 137, 63]
         assert covered_colours(tmp_path / 'out', name).tolist() == [colour], name
     # The command line lists them after the run, one line per mesh, and still succeeds.
     status = render_meshes.main(['--mesh_dir', str(mesh_dir), '--output_dir', str(tmp_path / 'out2'),
@@ -415,7 +420,7 @@ def test_textures_that_cannot_be_loaded_are_reported_per_mesh(tmp_path, capsys):
                                  '--device', 'cpu', '--no_progress'])
     assert status == 0
     errors = capsys.readouterr().err.splitlines()
-    assert any(line.startswith('4 mesh(es) rendered with warnings') for line in errors)
+    assert any(line.startswith('5 mesh(es) rendered with warnings') for line in errors)
     assert sum(str(mesh_dir / 'missing.obj') in line and 'paint.png' in line for line in errors) == 1
 
 
