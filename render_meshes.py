@@ -185,7 +185,8 @@ def _is_stand_in(material):
 #
 # MTL and glTF files name their textures as their authors' tools wrote them: with MTL options in front
 # ('-s 1 1 1 tex.jpg'), with Windows separators ('.\textures\tex.jpg'), in another letter case than the
-# file on disk, or as absolute paths on the author's machine. Blender finds these; so does this module.
+# file on disk, or as absolute paths on the author's machine. Blender loads the Windows-style ones; this
+# module finds all of these.
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tga', '.tif', '.tiff', '.gif', '.webp')
 # MTL map statement options ('map_Kd [-option values ...] file') and their number of values;
