@@ -27,6 +27,10 @@ Conventions of the published datasets and of our Shepard-Metzler generator:
   colours do not change with the viewpoint -- the multi-view consistency that SRNs assume. Surfaces are
   two-sided (ShapeNet meshes have inconsistent winding); normals are smoothed across edges sharper than
   ``crease_angle`` degrees apart, as Blender's auto-smooth;
+- colour is computed in linear RGB and encoded to sRGB in the PNGs, as Blender does. glTF's
+  baseColorFactor and vertex colours and OBJ's ``Kd`` are linear, textures and 8-bit vertex colours of
+  other formats (PLY) are sRGB (details at "Colour" below). A mesh without colours or materials of its
+  own -- also one with UV coordinates but no material -- gets ``DEFAULT_ALBEDO``, linear 0.7 (sRGB 218);
 - anti-aliasing by ``supersample`` x ``supersample`` samples per pixel, averaged (area filter); depth is
   the sample at the pixel's own coordinates (``supersample`` is odd), so it is exact, not blended.
 
@@ -38,7 +42,9 @@ train, other sphere views (``num_val_views``) for val, the spiral for test.
 Views are a function of (seed, split, instance name) only, so an interrupted run resumes: frames whose
 rgb, depth and pose files exist are skipped (the pose is written last), and a mesh whose frames all
 exist is not even loaded. A mesh that cannot be read or rendered is reported, the others go on, and
-``main`` exits non-zero after a summary.
+``main`` exits non-zero after a summary. Texture and material files are looked for as other tools write
+their names (``find_asset``: MTL options, Windows paths, letter case, absolute paths from elsewhere); a
+mesh rendered without one it names (not found, or not decodable) is listed in the summary as a warning.
 
 Shape vocabulary here: ``V`` vertices, ``F`` triangles, ``P`` covered pixels (samples), ``K`` fragments
 (candidate pixel-triangle pairs), ``s`` side length, ``S = s * supersample``.
@@ -46,10 +52,14 @@ Shape vocabulary here: ``V`` vertices, ``F`` triangles, ``P`` covered pixels (sa
 import argparse
 import dataclasses
 import fnmatch
+import json
 import math
 import os
 import pathlib
+import re
+import struct
 import sys
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -66,14 +76,244 @@ SPLITS = ('train', 'val', 'test')
 
 # Fixed light rig, world space (z-up): direction *towards* the light and intensity. Ambient plus a key
 # light from above, a fill from the opposite side and a weak light from below, so that no side of an
-# object seen from anywhere on the sphere is black. Colour = albedo * min(1, ambient + sum I max(0, n.l)).
+# object seen from anywhere on the sphere is black. In linear RGB (see "Colour" below):
+# colour = albedo * min(1, ambient + sum I max(0, n.l)).
 AMBIENT = 0.35
 LIGHTS = ((( 0.4, -0.5, 0.77), 0.55),
           ((-0.6,  0.6, 0.3), 0.30),
           (( 0.2,  0.4, -0.9), 0.15))
-DEFAULT_ALBEDO = (0.7, 0.7, 0.7)  # meshes without colours or materials
+DEFAULT_ALBEDO = (0.7, 0.7, 0.7)  # linear albedo of meshes without colours or materials of their own
 
 _MAX_FRAGMENTS = 1 << 21  # fragments rasterised per chunk: bounds memory at about 150 MB
+
+
+# --- Colour --------------------------------------------------------------------------------------
+#
+# The renderer works in linear RGB -- texture filtering, lighting and the anti-aliasing average -- and
+# encodes the result to sRGB for the PNGs, as Blender's Cycles does with its "Standard" view transform.
+# What a colour read from a file means follows the glTF 2.0 specification and Blender's importers:
+# - glTF baseColorFactor and COLOR_0 vertex colours are linear;
+# - OBJ/MTL Kd is linear: Blender's OBJ importer uses it as the Base Color as it is;
+# - texture images (map_Kd, baseColorTexture) are sRGB-encoded, decoded to linear before use; a glTF
+#   texture is then multiplied by the linear baseColorFactor;
+# - 8-bit vertex and face colours of PLY, OBJ and other formats are display values (sRGB), like texels.
+
+def srgb_to_linear(values):
+    """sRGB-encoded values in [0, 1] to linear ones (IEC 61966-2-1), numpy."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(values):
+    """Linear values in [0, 1] (a torch tensor) to sRGB-encoded ones (IEC 61966-2-1)."""
+    values = values.clamp(0.0, 1.0)
+    return torch.where(values <= 0.0031308, values * 12.92, 1.055 * values ** (1 / 2.4) - 0.055)
+
+
+_SRGB8_TO_LINEAR = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)  # decoding table of 8-bit values
+
+
+def _unit_range(values):
+    """Colour values as stored (floats in [0, 1], or integers scaled to their type's range) to floats."""
+    values = np.asarray(values)
+    if values.dtype.kind in 'ui':
+        return values.astype(np.float64) / np.iinfo(values.dtype).max
+    return np.clip(values.astype(np.float64), 0.0, 1.0)
+
+
+def _texture_linear(image):
+    """A PIL image (any mode; sRGB-encoded, as colour textures are) to (H, W, 3) float32 linear RGB."""
+    return _SRGB8_TO_LINEAR[np.asarray(image.convert('RGB'), dtype=np.uint8)]
+
+
+def _gltf_base_color_factors(path):
+    """[(material name, (3,) float64 baseColorFactor)] as written in a .gltf or .glb file, else [].
+
+    trimesh keeps baseColorFactor rounded to 8 bits, too coarse for a linear value: a dark factor would
+    be off by several levels once encoded to sRGB. Reading the numbers back from the file's JSON gives
+    them exactly; ``_exact_gltf_factor`` matches them to trimesh's materials.
+    """
+    path = pathlib.Path(path)
+    try:
+        with open(path, 'rb') as file:
+            if path.suffix.lower() == '.glb':
+                magic, _, _, chunk_length, chunk_type = struct.unpack('<4sIIII', file.read(20))
+                if magic != b'glTF' or chunk_type != 0x4E4F534A:  # the first chunk must be JSON
+                    return []
+                header = json.loads(file.read(chunk_length))
+            elif path.suffix.lower() == '.gltf':
+                header = json.loads(file.read())
+            else:
+                return []
+    except (OSError, ValueError, struct.error):  # trimesh reports unreadable files; this is a refinement
+        return []
+    factors = []
+    for material in header.get('materials', []):
+        factor = material.get('pbrMetallicRoughness', {}).get('baseColorFactor')
+        if factor is not None and len(factor) >= 3:
+            factors.append((material.get('name'), np.asarray(factor[:3], np.float64)))
+    return factors
+
+
+def _exact_gltf_factor(rounded, name, exact_factors):
+    """The file's exact baseColorFactor for trimesh's 8-bit one (RGBA uint8), when unambiguous."""
+    rounded = np.asarray(rounded[:3], np.float64)
+    candidates = [(other, factor) for other, factor in exact_factors
+                  if np.array_equal(np.round(np.clip(factor, 0, 1) * 255), rounded)]
+    same_name = [factor for other, factor in candidates if other == name]
+    values = {tuple(factor) for factor in (same_name or [factor for _, factor in candidates])}
+    if len(values) == 1:
+        return np.clip(np.array(values.pop()), 0.0, 1.0)
+    return rounded / 255.0
+
+
+def _is_stand_in(material):
+    """Whether ``material`` is the placeholder trimesh gives a mesh that has UV coordinates but no
+    material (a tiny grey texture made up in memory): such a mesh has no colour of its own."""
+    import trimesh
+    image = getattr(material, 'image', None)
+    if (not isinstance(material, trimesh.visual.material.SimpleMaterial) or image is None
+            or 'kd' in (getattr(material, 'kwargs', None) or {}) or image.info.get('file_path')):
+        return False
+    make_image = getattr(trimesh.visual.material, 'color_image', None)  # absent in older trimesh
+    reference = make_image() if make_image is not None else trimesh.visual.material.empty_material().image
+    return (reference is not None and image.size == reference.size and image.mode == reference.mode
+            and image.tobytes() == reference.tobytes())
+
+
+# --- Files that meshes name ----------------------------------------------------------------------
+#
+# MTL and glTF files name their textures as their authors' tools wrote them: with MTL options in front
+# ('-s 1 1 1 tex.jpg'), with Windows separators ('.\textures\tex.jpg'), in another letter case than the
+# file on disk, or as absolute paths on the author's machine. Blender loads the Windows-style ones; this
+# module finds all of these.
+
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tga', '.tif', '.tiff', '.gif', '.webp')
+# MTL map statement options ('map_Kd [-option values ...] file') and their number of values;
+# -o, -s and -t take one to three numbers.
+_MAP_OPTIONS = {'-blendu': 1, '-blendv': 1, '-bm': 1, '-boost': 1, '-cc': 1, '-clamp': 1,
+                '-imfchan': 1, '-mm': 2, '-o': 3, '-s': 3, '-t': 3, '-texres': 1, '-type': 1}
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_map_statement(text):
+    """Split the argument of an MTL map statement into its file name and options.
+
+    '-s 2 2 1 -bm 0.5 my tex.png' -> ('my tex.png', {'-s': ['2', '2', '1'], '-bm': ['0.5']}). The
+    file name is the rest of the line after the options, so it may contain spaces.
+    """
+    tokens = list(re.finditer(r'\S+', text))
+    options, index = {}, 0
+    # The last token is always the file name, even if it looks like an option.
+    while index < len(tokens) - 1 and tokens[index].group().lower() in _MAP_OPTIONS:
+        key = tokens[index].group().lower()
+        index += 1
+        values = []
+        while (len(values) < _MAP_OPTIONS[key] and index < len(tokens) - 1
+               and (key not in ('-o', '-s', '-t') or _is_number(tokens[index].group()))):
+            values.append(tokens[index].group())
+            index += 1
+        options[key] = values
+    return (text[tokens[index].start():].strip() if tokens else ''), options
+
+
+def _case_insensitive(folder, relative):
+    """The existing file that the relative POSIX path ``relative`` names below ``folder`` when letter
+    case is ignored (files made on Windows or macOS), else None. Exact matches are preferred."""
+    path = pathlib.Path(folder)
+    for part in pathlib.PurePosixPath(relative).parts:
+        if part in ('.', '..') or (path / part).exists():
+            path = path / part
+            continue
+        try:
+            matches = sorted(entry for entry in os.listdir(path) if entry.lower() == part.lower())
+        except OSError:  # not a folder
+            return None
+        if not matches:
+            return None
+        path = path / matches[0]
+    return path if path.is_file() else None
+
+
+def find_asset(folder, name):
+    """The file that ``name`` -- a texture, MTL library or glTF buffer as written in a mesh file --
+    refers to, looked up from ``folder`` (the mesh's); None if there is none.
+
+    Tried in turn: the name as written; without MTL options, with backslashes as separators and
+    %-escapes decoded; the same, ignoring letter case; its last component alone in ``folder`` (an
+    absolute path from another machine, 'C:\\Users\\me\\car\\paint.jpg'), also ignoring case.
+    """
+    folder = pathlib.Path(folder)
+    written = name.strip()
+    file_name = parse_map_statement(written)[0].replace('\\', '/')
+    candidates = list(dict.fromkeys((written, file_name, urllib.parse.unquote(file_name))))
+    for candidate in candidates:
+        if candidate and (folder / candidate).is_file():  # an absolute candidate replaces folder
+            return folder / candidate
+    for candidate in candidates:
+        if candidate and not pathlib.PurePosixPath(candidate).is_absolute():
+            match = _case_insensitive(folder, candidate)
+            if match is not None:
+                return match
+    base = file_name.rsplit('/', 1)[-1]
+    if base and (folder / base).is_file():
+        return folder / base
+    return _case_insensitive(folder, base) if base else None
+
+
+def _image_problem(data):
+    """Why ``data`` is not an image Pillow can open, or None."""
+    import io
+    from PIL import Image, UnidentifiedImageError
+    try:
+        Image.open(io.BytesIO(data))
+        return None
+    except UnidentifiedImageError:
+        return "not an image format Pillow reads"
+    except Exception as error:  # Pillow raises many types for damaged files
+        return f"{type(error).__name__}: {error}"
+
+
+class _AssetResolver:
+    """A trimesh resolver (trimesh calls ``get`` or ``[]`` with the name as written in the file) that
+    finds files with ``find_asset`` and records what it could not find or read, for the summary.
+    Everything else is delegated to trimesh's own file resolver."""
+
+    def __init__(self, mesh_path, base):
+        self._base = base
+        self.folder = pathlib.Path(mesh_path).absolute().parent
+        self.problems = []  # messages, in the order met
+
+    def __getattr__(self, attribute):  # only called for attributes not found on self
+        if attribute.startswith('_'):  # e.g. while copying, before _base exists
+            raise AttributeError(attribute)
+        return getattr(self._base, attribute)
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def get(self, name):
+        path = find_asset(self.folder, name)
+        suffix = pathlib.PurePosixPath(parse_map_statement(name)[0].replace('\\', '/')).suffix.lower()
+        kind = ('texture' if suffix in _IMAGE_SUFFIXES else 'material library' if suffix == '.mtl'
+                else 'file')
+        # Names are quoted as written, backslashes and all, so they can be found in the file.
+        if path is None:
+            self.problems.append(f"{kind} '{name.strip()}' not found in {self.folder}")
+            raise FileNotFoundError(f"{name}: not found in {self.folder}")
+        data = path.read_bytes()
+        if kind == 'texture':
+            problem = _image_problem(data)
+            if problem is not None:
+                self.problems.append(f"texture '{name.strip()}' ({path}) cannot be read: {problem}")
+        return data
 
 
 # --- Meshes --------------------------------------------------------------------------------------
@@ -84,32 +324,84 @@ class MeshData:
 
     ``corner_*`` arrays hold one entry per triangle corner, so seams in UVs or colours need no
     duplicated vertices. ``face_texture`` indexes ``textures`` (-1: no texture); a texel colour is
-    multiplied by the interpolated corner colour.
+    multiplied by the interpolated corner colour. Colours and texels are linear RGB.
     """
     positions: np.ndarray       # (V, 3) float64
     faces: np.ndarray           # (F, 3) int64
     corner_uv: np.ndarray       # (F, 3, 2) float32, v up (OBJ / trimesh convention)
-    corner_color: np.ndarray    # (F, 3, 3) float32 in [0, 1]
+    corner_color: np.ndarray    # (F, 3, 3) float32 in [0, 1], linear
     face_texture: np.ndarray    # (F,) int64
-    textures: list              # of (H, W, 3) float32 in [0, 1]
+    textures: list              # of (H, W, 3) float32 in [0, 1], linear
     corner_normal: np.ndarray = None  # (F, 3, 3) float32, unit; set by normalize_mesh
+    warnings: list = dataclasses.field(default_factory=list)  # what could not be used, for the summary
 
 
-def _rgb01(color):
-    """An RGB(A) colour in uint8 or [0, 1] floats to a float32 (3,) in [0, 1]."""
-    color = np.asarray(color, dtype=np.float64).reshape(-1)[:3]
-    if color.max() > 1.0:
-        color = color / 255.0
-    return np.clip(color, 0.0, 1.0).astype(np.float32)
+@dataclasses.dataclass
+class _BaseColor:
+    """A material's base colour, linear RGB: ``color`` times the texture where it applies, else ``fallback``."""
+    color: np.ndarray           # (3,) the flat colour, or the texture's multiplier
+    fallback: np.ndarray        # (3,) the colour used when the texture cannot be (no UVs, unreadable)
+    image: object = None        # PIL image of the base colour texture, sRGB-encoded
+    uv_scale: tuple = (1.0, 1.0)    # texture coordinates are uv * uv_scale + uv_offset (MTL -s, -o)
+    uv_offset: tuple = (0.0, 0.0)
 
 
-def _image01(image):
-    """A PIL image (any mode) to (H, W, 3) float32 in [0, 1]."""
-    return np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0
+def _uv_transform(options):
+    """(scale, offset) of the texture coordinates from MTL map options -s and -o (u, v; w is unused)."""
+    def first_two(values, default):
+        numbers = [float(value) for value in values[:2]]
+        return tuple(numbers + [default] * (2 - len(numbers)))
+    return first_two(options.get('-s', []), 1.0), first_two(options.get('-o', []), 0.0)
 
 
-def _appearance(mesh, textures, texture_ids):
-    """Corner colours (F, 3, 3), corner UVs (F, 3, 2) and face texture ids (F,) of one trimesh.Trimesh."""
+def _base_color(material, context):
+    """The _BaseColor of a trimesh material (PBRMaterial from glTF, SimpleMaterial from OBJ/MTL)."""
+    import trimesh
+    default = np.asarray(DEFAULT_ALBEDO, np.float64)
+    if material is None or _is_stand_in(material):
+        return _BaseColor(default, default)
+    if isinstance(material, trimesh.visual.material.PBRMaterial):
+        # glTF: base colour = factor (linear, default white) * texture (sRGB).
+        color = np.ones(3)
+        if material.baseColorFactor is not None:
+            color = _exact_gltf_factor(material.baseColorFactor, material.name, context.gltf_factors)
+        return _BaseColor(color, color, material.baseColorTexture)
+    # OBJ/MTL: Blender's importer (which rendered the published datasets) shows map_Kd alone,
+    # and Kd only where there is no texture. trimesh rounds Kd to 8 bits in ``diffuse`` but keeps
+    # the MTL's numbers in ``kwargs``.
+    kd = (getattr(material, 'kwargs', None) or {}).get('kd')
+    if kd is not None:
+        flat = np.clip(np.resize(np.asarray(kd, np.float64).reshape(-1), 3), 0.0, 1.0)  # 'Kd 0.5' is grey
+    elif getattr(material, 'diffuse', None) is not None and not np.array_equal(
+            material.diffuse, trimesh.visual.color.DEFAULT_COLOR):
+        flat = _unit_range(material.diffuse)[:3]
+    else:
+        flat = default
+    image = getattr(material, 'image', None)
+    if image is None:
+        return _BaseColor(flat, flat)
+    # trimesh keeps the map_Kd statement's argument, options included.
+    scale, offset = _uv_transform(parse_map_statement(image.info.get('file_path') or '')[1])
+    return _BaseColor(np.ones(3), flat, image, scale, offset)
+
+
+@dataclasses.dataclass
+class _LoadContext:
+    """What ``_appearance`` needs to know about the file a part comes from, and the notes it leaves."""
+    linear_vertex_colors: bool  # glTF: vertex colours are linear; elsewhere 8-bit display values
+    gltf_factors: list          # _gltf_base_color_factors of the file
+    warnings: list              # messages for the summary, one entry per problem
+
+
+def _vertex_colors_linear(colors, context):
+    """Stored vertex or face colours (N, 3 or 4) to linear RGB (N, 3)."""
+    values = _unit_range(np.asarray(colors)[:, :3])
+    return values if context.linear_vertex_colors else srgb_to_linear(values)
+
+
+def _appearance(mesh, textures, texture_ids, context):
+    """Linear corner colours (F, 3, 3), corner UVs (F, 3, 2) and face texture ids (F,) of one
+    trimesh.Trimesh; textures it uses are appended to ``textures`` (linear), once per image."""
     import trimesh
     faces = np.asarray(mesh.faces, dtype=np.int64)
     num_faces = len(faces)
@@ -118,44 +410,75 @@ def _appearance(mesh, textures, texture_ids):
     face_texture = np.full(num_faces, -1, np.int64)
     visual = mesh.visual
     if isinstance(visual, trimesh.visual.TextureVisuals):
-        material = visual.material
-        image, factor = None, None
-        if isinstance(material, trimesh.visual.material.PBRMaterial):
-            # glTF: base colour = factor * texture.
-            image = material.baseColorTexture
-            if material.baseColorFactor is not None:
-                factor = _rgb01(material.baseColorFactor)
-        elif material is not None:
-            # OBJ/MTL: Blender's importer (which rendered the published datasets) shows map_Kd alone,
-            # and Kd only where there is no texture.
-            image = getattr(material, 'image', None)
-            if image is None and getattr(material, 'diffuse', None) is not None:
-                factor = _rgb01(material.diffuse)
-        if factor is None and image is not None:
-            factor = np.ones(3, np.float32)
-        if factor is not None:
-            corner_color[:] = factor
-        uv = visual.uv
-        if image is not None and uv is not None and len(uv) == len(mesh.vertices):
-            key = id(image)
-            if key not in texture_ids:
-                texture_ids[key] = len(textures)
-                textures.append(_image01(image))
-            face_texture[:] = texture_ids[key]
-            corner_uv = np.asarray(uv, np.float32)[faces]
+        base = _base_color(visual.material, context)
+        color = base.color
+        if base.image is not None:
+            texture_id = _texture_id(base.image, textures, texture_ids, context)
+            uv = visual.uv
+            if texture_id is not None and (uv is None or len(uv) != len(mesh.vertices)):
+                context.warnings.append(f"texture {_image_name(base.image)} not applied: no UV coordinates")
+                texture_id = None
+            if texture_id is None:
+                color = base.fallback
+            else:
+                face_texture[:] = texture_id
+                uv = np.asarray(uv, np.float64) * base.uv_scale + base.uv_offset
+                corner_uv = uv.astype(np.float32)[faces]
+        corner_color[:] = color
+        # glTF: COLOR_0 multiplies the material's base colour (trimesh keeps it aside when there is one).
+        vertex_colors = visual.vertex_attributes.get('color')
+        if vertex_colors is not None and len(vertex_colors) == len(mesh.vertices):
+            corner_color *= _vertex_colors_linear(vertex_colors, context)[faces].astype(np.float32)
     elif isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == 'vertex':
-        corner_color = (np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255.0)[faces]
+        corner_color = _vertex_colors_linear(visual.vertex_colors, context)[faces].astype(np.float32)
     elif isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == 'face':
-        colors = np.asarray(visual.face_colors, np.float32)[:, :3] / 255.0
+        colors = _vertex_colors_linear(visual.face_colors, context).astype(np.float32)
         corner_color = np.repeat(colors[:, None, :], 3, axis=1)
     return corner_color, corner_uv, face_texture
+
+
+def _image_name(image):
+    """How to name a texture in a message: its file as the material names it, else '(embedded)'."""
+    written = image.info.get('file_path') if hasattr(image, 'info') else None
+    return f"'{parse_map_statement(written)[0]}'" if written else '(embedded)'
+
+
+def _texture_id(image, textures, texture_ids, context):
+    """Index of ``image`` in ``textures`` (decoded to linear on first use), or None if it cannot be decoded."""
+    key = id(image)
+    if key not in texture_ids:
+        try:
+            textures.append(_texture_linear(image))
+            texture_ids[key] = len(textures) - 1
+        except Exception as error:  # PIL raises many types for truncated or unsupported files
+            context.warnings.append(f"texture {_image_name(image)} cannot be decoded "
+                                    f"({type(error).__name__}: {error})")
+            texture_ids[key] = None
+    return texture_ids[key]
+
+
+def _scene_parts(scene):
+    """(vertices (V, 3) float64 in the scene's frame, trimesh.Trimesh) for every placement of a mesh
+    with triangles in a trimesh.Scene. (Scene.dump would do this but copies each mesh and drops the
+    glTF vertex colours that trimesh keeps beside a material.)"""
+    import trimesh
+    for node in scene.graph.nodes_geometry:
+        transform, name = scene.graph[node]
+        geometry = scene.geometry.get(name)
+        if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces) > 0:
+            vertices = np.asarray(geometry.vertices, np.float64)
+            yield vertices @ transform[:3, :3].T + transform[:3, 3], geometry
 
 
 def load_mesh(path):
     """Read a mesh file (anything trimesh reads: OBJ+MTL+textures, GLB/GLTF, PLY, ...) as MeshData.
 
     Scenes are flattened with their node transforms; every part keeps its own material. The result
-    is in the file's own frame; ``normalize_mesh`` turns it z-up, centres and scales it.
+    is in the file's own frame; ``normalize_mesh`` turns it z-up, centres and scales it. Colours are
+    linear RGB (see "Colour" above). Files the mesh names are found as ``find_asset`` says. Problems
+    that leave the mesh renderable -- a texture or material library that is not found, a texture that
+    cannot be decoded or applied -- are listed in ``MeshData.warnings``; the material's flat colour
+    stands in for a missing texture (Kd for OBJ, baseColorFactor for glTF).
     Raises ValueError naming the file when it cannot be read or holds no triangles.
     """
     import trimesh
@@ -169,19 +492,23 @@ def load_mesh(path):
             resolver = trimesh.resolvers.FilePathResolver(path, allow_anywhere=True)
         except TypeError:
             resolver = trimesh.resolvers.FilePathResolver(path)
+        # trimesh skips what it cannot find in silence; ours finds more and keeps a list.
+        resolver = _AssetResolver(path, resolver)
         scene = trimesh.load(path, force='scene', process=False, resolver=resolver)
-        parts = [geom for geom in scene.dump()
-                 if isinstance(geom, trimesh.Trimesh) and len(geom.faces) > 0]
+        parts = list(_scene_parts(scene))
     except Exception as error:  # trimesh raises many types; the caller wants the file and the reason
         raise ValueError(f"{path}: cannot read mesh ({type(error).__name__}: {error})") from error
     if not parts:
         raise ValueError(f"{path}: no triangles in the file")
+    suffix = pathlib.Path(path).suffix.lower()
+    context = _LoadContext(linear_vertex_colors=suffix in ('.gltf', '.glb'),
+                           gltf_factors=_gltf_base_color_factors(path), warnings=list(resolver.problems))
     positions, faces, colors, uvs, face_textures = [], [], [], [], []
     textures, texture_ids = [], {}
     offset = 0
-    for part in parts:
-        corner_color, corner_uv, face_texture = _appearance(part, textures, texture_ids)
-        positions.append(np.asarray(part.vertices, np.float64))
+    for vertices, part in parts:
+        corner_color, corner_uv, face_texture = _appearance(part, textures, texture_ids, context)
+        positions.append(vertices)
         faces.append(np.asarray(part.faces, np.int64) + offset)
         offset += len(part.vertices)
         colors.append(corner_color)
@@ -192,7 +519,8 @@ def load_mesh(path):
         raise ValueError(f"{path}: vertex positions are not all finite")
     return MeshData(positions=positions, faces=np.concatenate(faces),
                     corner_uv=np.concatenate(uvs), corner_color=np.concatenate(colors),
-                    face_texture=np.concatenate(face_textures), textures=textures)
+                    face_texture=np.concatenate(face_textures), textures=textures,
+                    warnings=list(dict.fromkeys(context.warnings)))  # each problem once
 
 
 def up_to_z(up):
@@ -411,39 +739,6 @@ class MeshRenderer:
         touch = ((b0.amax((1, 2)) >= -1e-6) & (b1.amax((1, 2)) >= -1e-6) & (b2.amax((1, 2)) >= -1e-6))
         return (torch.cat((small, tri[touch])), torch.cat((low[small], origin[touch])),
                 torch.cat((extent[small], size[touch])))
-        inv_det = 1.0 / det[ids]
-        a1, c1 = e2[ids, 1] * inv_det, -e2[ids, 0] * inv_det
-        a2, c2 = -e1[ids, 1] * inv_det, e1[ids, 0] * inv_det
-        d1 = -(a1 * p0[ids, 0] + c1 * p0[ids, 1])
-        d2 = -(a2 * p0[ids, 0] + c2 * p0[ids, 1])
-        # Per triangle: 6 barycentric coefficients, 3 inverse depths, bbox origin, bbox width.
-        table = torch.stack((a1, c1, d1, a2, c2, d2, inv_depth[ids, 0], inv_depth[ids, 1],
-                             inv_depth[ids, 2], low[ids, 0], low[ids, 1],
-                             extent[ids, 0].to(screen.dtype)), dim=1)  # (F', 12)
-        count = count[ids]
-        ends = torch.cumsum(count, 0)
-        # Chunks of triangles holding at most _MAX_FRAGMENTS candidate samples (one big triangle
-        # may exceed it alone; it then forms its own chunk).
-        bounds = [0]
-        total = int(ends[-1])
-        if total > _MAX_FRAGMENTS:
-            cuts = torch.searchsorted(ends, torch.arange(_MAX_FRAGMENTS, total, _MAX_FRAGMENTS,
-                                                         device=device), right=True)
-            bounds += sorted(set(int(c) for c in cuts.tolist()) - {0, len(ids)})
-        bounds.append(len(ids))
-        eps = -1e-6  # samples exactly on a shared edge must not fall between its two triangles
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            chunk_count = count[start:stop]
-            tri = torch.repeat_interleave(torch.arange(start, stop, device=device), chunk_count)  # (K,)
-            first = (ends[start:stop] - chunk_count) - (ends[start] - chunk_count[0])
-            local = torch.arange(len(tri), device=device) - torch.repeat_interleave(first, chunk_count)
-            row = table[tri]                                          # (K, 12)
-            width = row[:, 11]
-            local_y = torch.div(local, width.long(), rounding_mode='floor')
-            x = row[:, 9] + (local - local_y * width.long()).to(row.dtype)   # (K,) sample column
-            y = row[:, 10] + local_y.to(row.dtype)                            # (K,) sample row
-            _depth_test(key, row, x, y, tri, ids, side, eps)
-        return key
 
     def _sample_texture(self, texture, uv):
         """Bilinear, repeating, texel centres at (i + 0.5) / W; uv (P, 2) with v up -> (P, 3)."""
@@ -465,7 +760,8 @@ class MeshRenderer:
         :param cam2world: (4, 4) OpenCV camera-to-world pose
         :param focal, cx, cy: intrinsics in pixels of the s x s image (pixel x sampled at x, SPEC section 4)
         :param supersample: odd number of samples per pixel along each axis (area-averaged colour)
-        :return: rgb (s, s, 3) float32 in [0, 1] on white, depth (s, s) float32 camera z, 0 = background
+        :return: rgb (s, s, 3) float32 in [0, 1], sRGB-encoded, on white; depth (s, s) float32 camera z,
+            0 = background
         """
         if supersample < 1 or supersample % 2 == 0:
             raise ValueError(f"supersample must be a positive odd number, got {supersample}")
@@ -529,10 +825,10 @@ class MeshRenderer:
         depth[covered] = depth_samples
         rgb = rgb.view(side, side, 3)
         depth = depth.view(side, side)
-        if k > 1:
+        if k > 1:  # the area filter averages light, so in linear RGB
             rgb = torch.nn.functional.avg_pool2d(rgb.permute(2, 0, 1)[None], k)[0].permute(1, 2, 0)
             depth = depth[(k - 1) // 2::k, (k - 1) // 2::k]
-        return rgb, depth
+        return linear_to_srgb(rgb), depth
 
 
 # --- Cameras and splits --------------------------------------------------------------------------
@@ -646,8 +942,10 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
     """Render every mesh under ``mesh_dir`` into SRN-format instances under ``output_dir/<split>/``.
 
     Arguments are those of the command line (see ``get_parser``). A mesh that fails is recorded and
-    skipped. Returns a dict: ``rendered`` and ``skipped`` frame counts, ``instances`` (name -> split)
-    and ``failures``, a list of (mesh path, error message).
+    skipped. Returns a dict: ``rendered`` and ``skipped`` frame counts, ``instances`` (name -> list of
+    its splits; meshes that failed are left out), ``failures``, a list of (mesh path, error message), and
+    ``warnings``, a list of (mesh path, message) for meshes rendered without part of their appearance
+    (a texture that was not found or cannot be decoded), one entry per mesh.
     """
     mesh_dir, output_dir = pathlib.Path(mesh_dir), pathlib.Path(output_dir)
     mesh_paths = find_meshes(mesh_dir, patterns)
@@ -658,7 +956,7 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
     jobs = assign_splits(names, split, val_fraction, test_fraction, seed,
                          num_train_views, num_val_views, num_test_views)
     focal, cx, cy = camera_intrinsics(sidelength)
-    summary = {'rendered': 0, 'skipped': 0, 'failures': [], 'instances': {}}
+    summary = {'rendered': 0, 'skipped': 0, 'failures': [], 'warnings': [], 'instances': {}}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -685,6 +983,9 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
                     if bar is not None:
                         bar.set_postfix_str(f'loading {name}')
                     mesh = normalize_mesh(load_mesh(mesh_path), up=up, crease_angle=crease_angle)
+                    if mesh.warnings:
+                        summary['warnings'].append((str(mesh_path),
+                                                    f"{mesh_path}: " + '; '.join(mesh.warnings)))
                     renderer = MeshRenderer(mesh, device=device, shading=shading)
                     if bar is not None:
                         bar.set_postfix_str(f'{name} ({len(mesh.faces)} triangles)')
@@ -708,6 +1009,8 @@ def render_mesh_dataset(mesh_dir, output_dir, sidelength=128, num_train_views=50
             if str(mesh_path) not in message:
                 message = f"{mesh_path}: {type(error).__name__}: {message}"
             summary['failures'].append((str(mesh_path), message))
+            # A failed mesh is not an instance of the dataset, even if some of its frames were written.
+            summary['instances'].pop(name, None)
     if bar is not None:
         bar.close()
     return summary
@@ -763,7 +1066,13 @@ def main(argv=None):
         upper_hemisphere=opt.upper_hemisphere, progress=not opt.no_progress)
     counts = {s: sum(s in splits for splits in summary['instances'].values()) for s in SPLITS}
     print(f"{summary['rendered']} frames rendered, {summary['skipped']} already there; instances: "
-          + ', '.join(f'{s} {counts[s]}' for s in SPLITS) + f"; written to {opt.output_dir}")
+          + ', '.join(f'{s} {counts[s]}' for s in SPLITS)
+          + f"; {len(summary['failures'])} mesh(es) failed; written to {opt.output_dir}")
+    if summary['warnings']:
+        print(f"{len(summary['warnings'])} mesh(es) rendered with warnings (flat colours stand in for what "
+              "was not loaded):", file=sys.stderr)
+        for _, message in summary['warnings']:
+            print(f"  {message}", file=sys.stderr)
     if summary['failures']:
         print(f"{len(summary['failures'])} mesh(es) failed:", file=sys.stderr)
         for _, message in summary['failures']:

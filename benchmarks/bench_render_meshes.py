@@ -2,9 +2,10 @@
 
 Meshes are built here (bumpy UV spheres with a texture), normalised like a dataset mesh,
 and rendered from random sphere views as ``render_mesh_dataset`` does (rendering only; PNG writing
-excluded, and reported separately).
+excluded, and reported separately). One run measures every mesh on every device and prints a table;
+CUDA is left out, with a note, where it is not available.
 
-    python benchmarks/bench_render_meshes.py --device cpu --sidelength 128 --supersample 3
+    python benchmarks/bench_render_meshes.py --sidelength 128 --supersample 1 3 --device cpu cuda
 """
 import argparse
 import pathlib
@@ -36,47 +37,86 @@ def textured_mesh(segments, seed=0):
                            process=False)
 
 
+def measure(renderer, poses, intrinsics, sidelength, supersample, repeats):
+    """images/s of ``renderer`` over ``poses``: (best, median) of ``repeats`` runs, after a warm-up."""
+    focal, cx, cy = intrinsics
+    rgb, _ = renderer.render(poses[0], focal, cx, cy, sidelength, supersample)  # warm-up
+    rgb.cpu()  # waits for the device
+    rates = []
+    for _ in range(repeats):  # the best of a few runs: the machine may be shared
+        start = time.perf_counter()
+        for pose in poses:
+            rgb, _ = renderer.render(pose, focal, cx, cy, sidelength, supersample)
+        rgb.cpu()
+        rates.append(len(poses) / (time.perf_counter() - start))
+    return max(rates), float(np.median(rates))
+
+
+def available_devices(requested):
+    """The requested devices that exist here: without CUDA, CUDA devices are left out (with a note),
+    and the CPU is measured if nothing else is left."""
+    devices = []
+    for device in dict.fromkeys(requested):
+        if device.startswith('cuda') and not torch.cuda.is_available():
+            print(f"{device}: CUDA is not available here, left out", file=sys.stderr)
+            continue
+        devices.append(device)
+    return devices or ['cpu']
+
+
+def device_label(device):
+    if device == 'cpu':
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', nargs='+', default=['cpu', 'cuda'],
+                        help='devices to compare (CUDA ones are skipped where CUDA is absent)')
     parser.add_argument('--sidelength', type=int, default=128)
     parser.add_argument('--supersample', type=int, nargs='+', default=[1, 3])
     parser.add_argument('--num_views', type=int, default=20)
-    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch\'s)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--segments', type=int, nargs='+', default=[50, 158],
-                        help='UV-sphere resolutions: 50 -> ~10k triangles, 158 -> ~100k')
+                        help='UV-sphere resolutions: 50 -> 9.6k triangles, 158 -> 98.6k')
     opt = parser.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    focal, cx, cy = render_meshes.camera_intrinsics(opt.sidelength)
+    devices = available_devices(opt.device)
+    intrinsics = render_meshes.camera_intrinsics(opt.sidelength)
     poses = render_meshes.camera_poses('sphere', opt.num_views, render_meshes.DEFAULT_RADIUS,
                                        np.random.default_rng(0))
+    rows = []  # (triangles, supersample, {device: (best, median)})
     with tempfile.TemporaryDirectory() as tmp:
         for count in opt.segments:
             path = pathlib.Path(tmp) / f'mesh{count}.glb'
             textured_mesh(count).export(path)
             mesh = render_meshes.normalize_mesh(render_meshes.load_mesh(path))
-            renderer = render_meshes.MeshRenderer(mesh, device=opt.device)
+            renderers = {device: render_meshes.MeshRenderer(mesh, device=device) for device in devices}
             for supersample in opt.supersample:
-                renderer.render(poses[0], focal, cx, cy, opt.sidelength, supersample)  # warm-up
-                if opt.device.startswith('cuda'):
-                    torch.cuda.synchronize()
-                rates = []
-                for _ in range(opt.repeats):  # the best of a few runs: the machine may be shared
-                    start = time.perf_counter()
-                    for pose in poses:
-                        rgb, depth = renderer.render(pose, focal, cx, cy, opt.sidelength, supersample)
-                    rgb.cpu()  # waits for the device
-                    rates.append(opt.num_views / (time.perf_counter() - start))
-                print(f"{len(mesh.faces):7d} triangles, {opt.sidelength} px, supersample {supersample}, "
-                      f"{opt.device} ({torch.get_num_threads()} threads): best {max(rates):6.1f}, "
-                      f"median {float(np.median(rates)):6.1f} images/s")
+                rates = {device: measure(renderer, poses, intrinsics, opt.sidelength, supersample, opt.repeats)
+                         for device, renderer in renderers.items()}
+                rows.append((len(mesh.faces), supersample, rates))
+                print(f"{len(mesh.faces):7d} triangles, supersample {supersample}: " + ', '.join(
+                    f"{device} {best:.1f}" for device, (best, _) in rates.items()) + " images/s",
+                      file=sys.stderr)  # progress; the table follows at the end
+        rgb, depth = renderers[devices[0]].render(poses[0], *intrinsics, opt.sidelength, 1)
         start = time.perf_counter()
-        for i in range(opt.num_views):
-            data_util.write_image(f'{tmp}/rgb.png', (rgb.cpu().numpy() * 255).astype(np.uint8))
+        for _ in range(opt.num_views):
+            data_util.write_image(f'{tmp}/rgb.png', np.round(rgb.cpu().numpy() * 255).astype(np.uint8))
             data_util.write_depth(f'{tmp}/depth.png', depth.cpu().numpy())
-        print(f"PNG writing (rgb + depth): {opt.num_views / (time.perf_counter() - start):6.1f} frames/s")
+        png_rate = opt.num_views / (time.perf_counter() - start)
+    print(f"\nimages/s at {opt.sidelength} px, best of {opt.repeats} runs of {opt.num_views} views "
+          f"(median in brackets)")
+    labels = [device_label(device) for device in devices]
+    width = max(22, *(len(label) for label in labels))
+    print(f"{'triangles':>9}  {'supersample':>11}  " + '  '.join(f"{label:>{width}}" for label in labels))
+    for triangles, supersample, rates in rows:
+        cells = [f"{best:.1f} ({median:.1f})" for best, median in rates.values()]
+        print(f"{triangles:>9}  {supersample:>11}  " + '  '.join(f"{cell:>{width}}" for cell in cells))
+    print(f"PNG writing (rgb + depth, {opt.sidelength} px): {png_rate:.1f} frames/s")
 
 
 if __name__ == '__main__':
