@@ -397,3 +397,44 @@ class SceneClassDataset(Dataset):
             observations.append(instance[extra])
         ground_truth = [{"rgb": obs["rgb"]} for obs in observations]
         return observations, ground_truth
+
+
+class RandomRays(Dataset):
+    """The observations of a dataset, each with a random subset of its rays (pixels): a training sampler.
+
+    With the MLP pixel generator every ray is rendered independently, so a batch need not be made of whole
+    images: ``rays_per_view`` random pixels from each of many views give the gradient of many objects and
+    viewpoints for the cost of a few whole images (the batches NeRF and its successors train on). The U-Net
+    renderer convolves over whole images and cannot use this.
+
+    Items are keyed, not indexed: key ``k`` serves observation ``k % len(dataset)`` with the pixels drawn by a
+    generator seeded from (``seed``, k). ``train.EpochSampler`` hands out keys that differ from epoch to epoch,
+    so the draws are new every epoch yet a function of the data order alone: the same in DataLoader workers as
+    in the main process, and again after resuming.
+
+    An item is the base dataset's, with ``uv (N', 2)`` and ``rgb (N', 3)`` (observation and ground truth)
+    restricted to the N' = ``rays_per_view`` drawn pixels, in increasing pixel order.
+    """
+
+    def __init__(self, dataset, rays_per_view, seed=0):
+        if rays_per_view < 1:
+            raise ValueError(f"rays_per_view must be >= 1, got {rays_per_view}")
+        self.dataset, self.rays_per_view, self.seed = dataset, rays_per_view, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_img_sidelength(self, new_img_sidelength):
+        self.dataset.set_img_sidelength(new_img_sidelength)
+
+    def __getitem__(self, key):
+        observations, ground_truths = self.dataset[key % len(self.dataset)]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(key))
+        for observation, ground_truth in zip(observations, ground_truths):
+            num_pixels = observation['uv'].shape[0]
+            if self.rays_per_view >= num_pixels:
+                continue
+            pixels = torch.randperm(num_pixels, generator=generator)[:self.rays_per_view].sort().values  # (N',)
+            observation['uv'] = observation['uv'][pixels]  # (N', 2)
+            observation['rgb'] = ground_truth['rgb'] = observation['rgb'][pixels]  # (N', 3)
+        return observations, ground_truths

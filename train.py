@@ -25,6 +25,7 @@ written per step in one transfer), on image/validation steps and at checkpoints.
 Usage: ``python train.py -c train_configs/demo.yml``; several GPUs:
 ``torchrun --nproc_per_node=4 train.py -c train_configs/cars.yml`` (the batch sizes are per GPU).
 """
+import math
 import os
 import pathlib
 import random
@@ -126,6 +127,21 @@ def get_parser():
     g.add_argument('--generate_shepard_metzler', type=int, default=0, metavar='NUM_OBJECTS',
                    help='If data_root or val_root does not exist, first generate a Shepard-Metzler dataset of '
                         'this many objects in their parent folder (shepard_metzler.py; 0: never).')
+
+    # The training recipe beyond the reference's (train_configs/*_fast.yml); the defaults are the reference's.
+    r = p.add_argument_group('training recipe (defaults: the reference)')
+    r.add_argument('--rays_per_view', type=int, default=0,
+                   help='Train on this many random pixels of each view of a batch instead of whole images '
+                        '(0: whole images, as the reference). The batch size then counts views. MLP pixel '
+                        'generator only; validation and test.py render whole images.')
+    r.add_argument('--latent_lr', type=float, default=None,
+                   help='Adam learning rate of the latent codes (default: --lr, one rate for all, as the reference).')
+    r.add_argument('--lr_warmup_steps', type=int, default=0,
+                   help='Ramp the learning rates linearly from 0 over this many steps (0: no warm-up).')
+    r.add_argument('--lr_schedule', choices=('constant', 'cosine'), default='constant',
+                   help='constant (the reference), or cosine decay over the whole schedule to --lr_min_ratio.')
+    r.add_argument('--lr_min_ratio', type=float, default=0.1,
+                   help='With --lr_schedule cosine: the final learning rate as a fraction of the peak.')
     return p
 
 
@@ -222,10 +238,13 @@ class EpochSampler(Sampler):
 
     Like DistributedSampler (pad to a multiple of the world size, rank r takes every r-th index), but it
     can start ``start_batch`` batches into the epoch, so a resumed run sees exactly the remaining order.
+
+    With ``keyed`` it yields ``epoch * num_samples + index`` instead of ``index``: keys that differ from epoch
+    to epoch, for datasets whose items also draw random numbers (``dataio.RandomRays``).
     """
 
-    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1):
-        self.num_samples, self.batch_size = num_samples, batch_size
+    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1, keyed=False):
+        self.num_samples, self.batch_size, self.keyed = num_samples, batch_size, keyed
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.start_batch = 0, 0
         self.num_per_rank = -(-num_samples // world_size)
@@ -239,7 +258,10 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         order += order[:self.num_per_rank * self.world_size - len(order)]
         order = order[self.rank::self.world_size]
-        return iter(order[self.start_batch * self.batch_size:self.batches_per_epoch * self.batch_size])
+        order = order[self.start_batch * self.batch_size:self.batches_per_epoch * self.batch_size]
+        if self.keyed:
+            order = [self.epoch * self.num_samples + index for index in order]
+        return iter(order)
 
     def __len__(self):
         return max(0, (self.batches_per_epoch - self.start_batch) * self.batch_size)
@@ -272,6 +294,37 @@ def to_device(batch, device):
     """Move a dict of tensors to the device (non-blocking: the loader pins memory on CUDA)."""
     return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
             for key, value in batch.items()}
+
+
+# --- Optimiser and learning rates -------------------------------------------------------------------------
+
+def make_optimizer(model, opt, fused=False):
+    """Adam over all parameters, frozen ones included, as the reference (SPEC section 1); with --latent_lr the
+    latent table is a second parameter group with its own rate. Each group keeps its peak rate as ``base_lr``."""
+    codes = getattr(model, 'latent_codes', None)
+    if opt.latent_lr is None or codes is None or model.fit_single_srn:
+        groups = [{'params': list(model.parameters()), 'base_lr': opt.lr}]
+    else:
+        networks = [param for name, param in model.named_parameters() if name != util.LATENT_CODES_KEY]
+        groups = [{'params': networks, 'base_lr': opt.lr}, {'params': [codes.weight], 'base_lr': opt.latent_lr}]
+    for group in groups:
+        group['lr'] = group['base_lr']
+    return torch.optim.Adam(groups, lr=opt.lr, fused=fused)
+
+
+def learning_rate_factor(step, total_steps, warmup_steps=0, schedule='constant', min_ratio=0.1):
+    """The fraction of the peak learning rate at ``step``: a linear warm-up, then constant or a cosine decay
+    that reaches ``min_ratio`` at the end of the schedule. 1 throughout for the reference's recipe."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == 'cosine':
+        progress = min(1.0, step / max(1, total_steps))
+        factor *= min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def set_learning_rates(optimizer, factor):
+    for group in optimizer.param_groups:
+        group['lr'] = group['base_lr'] * factor
 
 
 # --- One step -----------------------------------------------------------------------------------------
@@ -335,10 +388,14 @@ def to_01(images):
     return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
-def depth_images(depth):
-    """(B, N, 1) depths -> (B, 1, s, s) in [0, 1], normalised per batch."""
-    depth = srns.geometry.lin2img(depth.float())
-    return ((depth - depth.min()) / (depth.max() - depth.min()).clamp_min(1e-8)).cpu()
+def depth_images(depth, target):
+    """(B, N, 1) depths -> (B, 3, H, W) in [0, 1]: viridis over each object's depth range, the background
+    (white in the target) white, a labelled colour bar beside each (``util.colorize_depth``)."""
+    side = srns.geometry.lin2img(depth[:1].float()).shape[-1]
+    foreground = ((target.float() + 1) / 2 < 0.95).any(dim=-1)  # (B, N): not the white background
+    previews = [util.colorize_depth(d.reshape(side, side).cpu().numpy(), m.reshape(side, side).cpu().numpy())
+                for d, m in zip(depth.float(), foreground)]
+    return torch.from_numpy(np.stack(previews)).permute(0, 3, 1, 2).float() / 255.
 
 
 def image_grid(images, ncol=None):
@@ -354,6 +411,18 @@ def image_grid(images, ncol=None):
 
 
 @torch.no_grad()
+def whole_views(model, dataset, device, amp_dtype=None, num_views=4):
+    """(model input, ground truth, {'rgb', 'depth'}) of ``num_views`` evenly spaced whole observations of
+    ``dataset`` rendered by the model: what log_images shows when the training batch is scattered rays."""
+    indices = np.linspace(0, len(dataset) - 1, num=min(num_views, len(dataset))).round().astype(int)
+    model_input, ground_truth = dataio.collate_fn([dataset[int(i)] for i in indices])
+    model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        rgb, depth = util.unwrap_model(model)(model_input)
+    return model_input, ground_truth, {'rgb': rgb, 'depth': depth}
+
+
+@torch.no_grad()
 def log_images(writer, step, model, model_input, ground_truth, losses, num_images=4):
     """Output_vs_gt, pred_depth, normals, an error image and the ray-march progress (first few views)."""
     first = {key: value[:num_images] if torch.is_tensor(value) else value for key, value in model_input.items()}
@@ -361,7 +430,7 @@ def log_images(writer, step, model, model_input, ground_truth, losses, num_image
     target = ground_truth['rgb'][:num_images].float()
     comparison = srns.comparison_images(first, (rgb, depth), target)  # (b, 3, s, 3s)
     writer.add_image('Output_vs_gt', image_grid(to_01(comparison), ncol=1), step)
-    writer.add_image('pred_depth', image_grid(depth_images(depth)), step)
+    writer.add_image('pred_depth', image_grid(depth_images(depth, target)), step)
     normals = srns.normal_map(first, depth)
     writer.add_image('normals', image_grid(to_01(normals)), step)
     error = srns.geometry.lin2img(((rgb - target) ** 2).mean(dim=-1, keepdim=True))  # (b, 1, s, s)
@@ -456,6 +525,10 @@ def resume_changes(stored, opt, path):
             raise SetupError(f"{path}: this run was trained with --{name} {stored[name]}, not {current[name]}; "
                              f"the model cannot change on resumption. Use the same value, or another "
                              f"--logging_root for a new run")
+        if name == 'latent_lr' and (stored[name] is None) != (current[name] is None):
+            raise SetupError(f"{path}: this run was trained with --latent_lr {stored[name]}, not "
+                             f"{current[name]}; a separate rate for the codes cannot be added or removed on "
+                             f"resumption (Adam's state is kept per parameter group)")
         changed.append(f"--{name} {stored[name]} -> {current[name]}")
     return changed
 
@@ -569,6 +642,10 @@ def train(opt):
     for name in ('steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image'):
         if getattr(opt, name) < 1:
             raise SetupError(f"--{name} must be >= 1, got {getattr(opt, name)}")
+    if opt.rays_per_view < 0 or opt.lr_warmup_steps < 0 or not 0 <= opt.lr_min_ratio <= 1:
+        raise SetupError("--rays_per_view and --lr_warmup_steps must be >= 0, --lr_min_ratio in [0, 1]")
+    if opt.rays_per_view and opt.use_unet_renderer:
+        raise SetupError("--rays_per_view: the U-Net renderer convolves over whole images; use 0 with it")
 
     rank, world_size, device = setup_distributed(opt)
     is_main = rank == 0
@@ -620,7 +697,8 @@ def train(opt):
     model.to(device)
     model.train()
     # The fused Adam kernel is one launch instead of one per parameter tensor; same update rule.
-    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, fused=opt.fast and device.type == 'cuda')
+    optimizer = make_optimizer(model, opt, fused=opt.fast and device.type == 'cuda')
+    base_lrs = [group['base_lr'] for group in optimizer.param_groups]  # this run's, also after resuming
     if world_size > 1:
         torch.manual_seed(opt.seed + rank)  # different depth noise per rank; weights are broadcast by DDP
 
@@ -644,8 +722,8 @@ def train(opt):
                     print(f"train.py: warning: resuming with changed options, the new values apply from step "
                           f"{resume['step']} on: {'; '.join(changes)}", file=sys.stderr, flush=True)
             util.load_checkpoint(resume, model, optimizer)
-            for group in optimizer.param_groups:  # Adam's state is restored, the learning rate is this run's
-                group['lr'] = opt.lr
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):  # Adam's state is restored, the
+                group['base_lr'] = group['lr'] = base_lr                    # learning rates are this run's
             step, epoch, epoch_step = resume['step'], resume.get('epoch', 0), resume.get('epoch_step', 0)
             epoch_label = resume.get('epoch_label', epoch)
             rng_states = resume.get('rng_states')
@@ -685,6 +763,11 @@ def train(opt):
             find_unused_parameters=opt.has_params)
 
     amp_dtype = torch.bfloat16 if opt.amp == 'bf16' else None
+    # What the loader serves: whole observations (the reference), or random rays of them (--rays_per_view).
+    train_items = train_dataset
+    if opt.rays_per_view:
+        train_items = dataio.RandomRays(train_dataset, opt.rays_per_view, seed=opt.seed + 7919 * rank)
+    scheduled_lr = opt.lr_warmup_steps > 0 or opt.lr_schedule != 'constant'
     loss_weights = {'l1_weight': opt.l1_weight, 'reg_weight': opt.reg_weight, 'kl_weight': opt.kl_weight}
     num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
     loader_kwargs = dict(num_workers=num_workers, pin_memory=device.type == 'cuda',
@@ -783,8 +866,9 @@ def train(opt):
                 if new_stage != stage:
                     stage = new_stage
                     train_dataset.set_img_sidelength(sidelengths[stage])
-                    sampler = EpochSampler(len(train_dataset), batch_sizes[stage], opt.seed, rank, world_size)
-                    loader = DataLoader(train_dataset, batch_size=batch_sizes[stage], sampler=sampler,
+                    sampler = EpochSampler(len(train_dataset), batch_sizes[stage], opt.seed, rank, world_size,
+                                           keyed=bool(opt.rays_per_view))
+                    loader = DataLoader(train_items, batch_size=batch_sizes[stage], sampler=sampler,
                                         drop_last=True, generator=torch.Generator().manual_seed(opt.seed),
                                         **loader_kwargs)
                     stage_end = sum(max_steps[:stage + 1])
@@ -805,12 +889,18 @@ def train(opt):
                 raise SetupError(f"{data_error} (training step {step}); fix or remove that view, then run the "
                                  f"same command to resume from {last_checkpoint or newest_checkpoint(checkpoint_dir)}")
             model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
+            if scheduled_lr:
+                set_learning_rates(optimizer, learning_rate_factor(step, total_steps, opt.lr_warmup_steps,
+                                                                   opt.lr_schedule, opt.lr_min_ratio))
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
             buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
             buffered_steps.append(step)
 
             if writer is not None and step % opt.steps_til_image == 0:
-                log_images(writer, step, model, model_input, ground_truth, losses)
+                if opt.rays_per_view:  # a batch of scattered rays makes no picture: render whole training views
+                    log_images(writer, step, model, *whole_views(model, train_dataset, device, amp_dtype))
+                else:
+                    log_images(writer, step, model, model_input, ground_truth, losses)
             if opt.steps_til_embedding and writer is not None and step % opt.steps_til_embedding == 0 \
                     and not opt.fit_single_srn:
                 writer.add_embedding(model.latent_codes.weight.detach().cpu(), global_step=step)

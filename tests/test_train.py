@@ -6,6 +6,7 @@ codes; SIGTERM saves and exits 143; a non-finite loss stops without a bad checkp
 before training; torchrun with two gloo processes trains and only rank 0 writes.
 """
 import glob
+import math
 import os
 import pathlib
 import signal
@@ -354,3 +355,67 @@ def test_torchrun_two_processes_gloo(tiny_dataset, tmp_path):
     assert all(torch.equal(fitted[key], value) for key, value in final['model'].items()
                if key != 'latent_codes.weight')
     assert fitted['latent_codes.weight'].shape == (3, 8)
+
+
+# --- The training recipe beyond the reference -------------------------------------------------------------
+
+def test_learning_rate_factor_known_answers():
+    factor = train.learning_rate_factor
+    assert [factor(s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]  # the reference: constant
+    assert [factor(s, 100, warmup_steps=4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert factor(0, 100, schedule='cosine', min_ratio=0.1) == 1.0
+    assert abs(factor(50, 100, schedule='cosine', min_ratio=0.1) - 0.55) < 1e-12
+    assert abs(factor(100, 100, schedule='cosine', min_ratio=0.1) - 0.1) < 1e-12
+    assert abs(factor(1, 100, warmup_steps=4, schedule='cosine', min_ratio=0.0)
+               - 0.5 * 0.5 * (1 + math.cos(math.pi / 100))) < 1e-12
+
+
+def test_random_rays_are_a_deterministic_subset_of_the_view(tiny_dataset):
+    import dataio
+    base = dataio.SceneClassDataset(str(tiny_dataset / 'train'), img_sidelength=8, samples_per_instance=1)
+    rays = dataio.RandomRays(base, rays_per_view=10, seed=5)
+    (observation,), (truth,) = rays[3]
+    (whole,), _ = base[3]
+    assert observation['uv'].shape == (10, 2) and truth['rgb'].shape == (10, 3)
+    pixels = observation['uv'][:, 1] * 8 + observation['uv'][:, 0]  # row-major index of each ray
+    assert len(set(pixels.tolist())) == 10 and (pixels.diff() > 0).all()
+    torch.testing.assert_close(truth['rgb'], whole['rgb'][pixels], rtol=0, atol=0)
+    torch.testing.assert_close(observation['pose'], whole['pose'])
+    again = rays[3][0][0]['uv']
+    next_epoch = rays[3 + len(base)][0][0]['uv']  # the same view, one epoch later
+    assert torch.equal(again, observation['uv']) and not torch.equal(next_epoch, observation['uv'])
+
+
+def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
+    recipe = ('--rays_per_view', '12', '--latent_lr', '1e-3', '--lr_warmup_steps', '3', '--lr_schedule', 'cosine',
+              '--lr', '2e-4', '--batch_size_per_img_sidelength', '4,3', '--num_workers', '1', '--steps_til_image', '3')
+    full = tmp_path / 'full'
+    assert train.main(tiny_args(tiny_dataset, full, *recipe)) == 0
+    reference = load(checkpoints(full)[-1])
+    groups = reference['optimizer']['param_groups']
+    assert [g['base_lr'] for g in groups] == [2e-4, 1e-3]  # the latent table has its own rate
+    assert abs(groups[0]['lr'] - 2e-4 * train.learning_rate_factor(7, 8, 3, 'cosine', 0.1)) < 1e-12
+
+    real_step, calls = train.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # in the second stage
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_step', step_then_signal)
+    interrupted = tmp_path / 'interrupted'
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tiny_dataset, interrupted, *recipe))
+    monkeypatch.setattr(train, 'train_step', real_step)
+    assert train.main(tiny_args(tiny_dataset, interrupted, *recipe)) == 0
+    resumed = load(checkpoints(interrupted)[-1])
+    assert resumed['step'] == 8
+    assert_same_state(resumed['model'], reference['model'])
+
+    with pytest.raises(SystemExit, match='--rays_per_view: the U-Net renderer'):
+        train.main(tiny_args(tiny_dataset, tmp_path / 'unet', '--rays_per_view', '8', '--use_unet_renderer',
+                             '--img_sidelengths', '128,128'))
+    with pytest.raises(SystemExit, match='a separate rate for the codes cannot be added'):
+        train.main(tiny_args(tiny_dataset, full, *recipe[:2], '--max_steps_per_img_sidelength', '4,6'))
