@@ -142,6 +142,10 @@ def get_parser():
                    help='constant (the reference), or cosine decay over the whole schedule to --lr_min_ratio.')
     r.add_argument('--lr_min_ratio', type=float, default=0.1,
                    help='With --lr_schedule cosine: the final learning rate as a fraction of the peak.')
+    r.add_argument('--max_minutes', type=float, default=0,
+                   help='Stop after this many minutes of wall clock (from the start, setup and compilation '
+                        'included, summed over resumptions), with a final checkpoint and validation; the cosine '
+                        'decay then follows whichever of steps and minutes is further along (0: no limit).')
     return p
 
 
@@ -312,12 +316,13 @@ def make_optimizer(model, opt, fused=False):
     return torch.optim.Adam(groups, lr=opt.lr, fused=fused)
 
 
-def learning_rate_factor(step, total_steps, warmup_steps=0, schedule='constant', min_ratio=0.1):
+def learning_rate_factor(step, total_steps, warmup_steps=0, schedule='constant', min_ratio=0.1, time_fraction=0.):
     """The fraction of the peak learning rate at ``step``: a linear warm-up, then constant or a cosine decay
-    that reaches ``min_ratio`` at the end of the schedule. 1 throughout for the reference's recipe."""
+    that reaches ``min_ratio`` at the end of the schedule (or of the time budget, ``time_fraction`` of which
+    has passed, if that comes first). 1 throughout for the reference's recipe."""
     factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if schedule == 'cosine':
-        progress = min(1.0, step / max(1, total_steps))
+        progress = min(1.0, max(step / max(1, total_steps), time_fraction))
         factor *= min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
 
@@ -562,6 +567,15 @@ def setup_distributed(opt):
     return rank, world_size, device
 
 
+def shared_value(value, device, world_size):
+    """Rank 0's float ``value`` on every rank (one broadcast under torchrun), so that all ranks decide alike."""
+    if world_size == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def any_rank(flag, device, world_size):
     """True if ``flag`` is true on any rank (one all-reduce under torchrun)."""
     if world_size == 1:
@@ -633,6 +647,7 @@ def main(argv=None):
 
 
 def train(opt):
+    run_start = time.perf_counter()
     sidelengths, batch_sizes, max_steps = schedule_from_opt(opt)
     total_steps = sum(max_steps)
     specific_observation_idcs = (parse_int_list(opt.specific_observation_idcs, 'specific_observation_idcs')
@@ -642,8 +657,9 @@ def train(opt):
     for name in ('steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image'):
         if getattr(opt, name) < 1:
             raise SetupError(f"--{name} must be >= 1, got {getattr(opt, name)}")
-    if opt.rays_per_view < 0 or opt.lr_warmup_steps < 0 or not 0 <= opt.lr_min_ratio <= 1:
-        raise SetupError("--rays_per_view and --lr_warmup_steps must be >= 0, --lr_min_ratio in [0, 1]")
+    if opt.rays_per_view < 0 or opt.lr_warmup_steps < 0 or opt.max_minutes < 0 or not 0 <= opt.lr_min_ratio <= 1:
+        raise SetupError("--rays_per_view, --lr_warmup_steps and --max_minutes must be >= 0, --lr_min_ratio in "
+                         "[0, 1]")
     if opt.rays_per_view and opt.use_unet_renderer:
         raise SetupError("--rays_per_view: the U-Net renderer convolves over whole images; use 0 with it")
 
@@ -703,7 +719,7 @@ def train(opt):
         torch.manual_seed(opt.seed + rank)  # different depth noise per rank; weights are broadcast by DDP
 
     # Resume from logging_root, else load --checkpoint_path's weights (the reference's way), else start.
-    step, epoch, epoch_step, epoch_label = opt.start_step, 0, 0, 0
+    step, epoch, epoch_step, epoch_label, elapsed_before = opt.start_step, 0, 0, 0, 0.
     if not is_main:  # rank 0 has set unreadable checkpoints aside before the barrier
         found = find_resumable_checkpoint(checkpoint_dir, set_aside_unreadable=False)
     resume_path, resume = found if found is not None else (None, None)
@@ -726,6 +742,7 @@ def train(opt):
                 group['base_lr'] = group['lr'] = base_lr                    # learning rates are this run's
             step, epoch, epoch_step = resume['step'], resume.get('epoch', 0), resume.get('epoch_step', 0)
             epoch_label = resume.get('epoch_label', epoch)
+            elapsed_before = resume.get('elapsed_seconds', 0.)
             rng_states = resume.get('rng_states')
             if rng_states is not None and len(rng_states) == world_size:
                 set_rng_state(rng_states[rank])
@@ -789,11 +806,16 @@ def train(opt):
             try:
                 util.save_checkpoint(path, model, optimizer, step=step, stage=stage_of(step, max_steps),
                                      epoch=epoch, epoch_step=epoch_step, epoch_label=epoch_label,
-                                     world_size=world_size, rng_states=states, config=vars(opt))
+                                     elapsed_seconds=elapsed(), world_size=world_size, rng_states=states,
+                                     config=vars(opt))
             except util.CheckpointWriteError as error:
                 raise SetupError(f"{error}; stopped at step {step}. The newest intact checkpoint is "
                                  f"{last_checkpoint or newest_checkpoint(checkpoint_dir)}") from None
             return path
+
+    def elapsed():
+        """Wall-clock seconds of this run, earlier resumptions included."""
+        return elapsed_before + time.perf_counter() - run_start
 
     def validate_and_log(step):
         """Validation PSNR/SSIM of the current model (rank 0), logged at ``step``; stops on a bad val file."""
@@ -859,8 +881,9 @@ def train(opt):
         raise SystemExit(message)
 
     loop_start = time.perf_counter()
+    time_fraction, out_of_time = 0., False  # of --max_minutes; updated on log steps, the same on every rank
     try:
-        while step < total_steps:
+        while step < total_steps and not out_of_time:
             if loader_iter is None:
                 new_stage = stage_of(step, max_steps)
                 if new_stage != stage:
@@ -891,7 +914,7 @@ def train(opt):
             model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
             if scheduled_lr:
                 set_learning_rates(optimizer, learning_rate_factor(step, total_steps, opt.lr_warmup_steps,
-                                                                   opt.lr_schedule, opt.lr_min_ratio))
+                                                                   opt.lr_schedule, opt.lr_min_ratio, time_fraction))
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
             buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
             buffered_steps.append(step)
@@ -928,6 +951,9 @@ def train(opt):
                 bad = flush_scalars()
                 if any_rank(bad is not None, device, world_size):
                     fail_non_finite(bad)
+                if opt.max_minutes:
+                    time_fraction = shared_value(elapsed() / (60 * opt.max_minutes), device, world_size)
+                    out_of_time = time_fraction >= 1
                 if any_rank(stop.signum is not None, device, world_size):
                     last_checkpoint = save(step)
                     exit_code = SIGNAL_EXIT_CODES.get(stop.signum, 143)
@@ -948,7 +974,8 @@ def train(opt):
                     _, val_psnr, val_ssim = validate_and_log(step)
                     quality = f"; val PSNR {val_psnr:.2f} dB, SSIM {val_ssim:.3f}"
                 minutes, seconds = divmod(int(time.perf_counter() - loop_start), 60)
-                progress.write(f"Done: {step} steps in {minutes}:{seconds:02d}{quality}; "
+                budget = f" (the --max_minutes {opt.max_minutes:g} budget)" if out_of_time else ''
+                progress.write(f"Done: {step} steps in {minutes}:{seconds:02d}{budget}{quality}; "
                                f"final checkpoint {last_checkpoint}")
     finally:
         stop.restore()

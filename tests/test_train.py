@@ -419,3 +419,18 @@ def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
                              '--img_sidelengths', '128,128'))
     with pytest.raises(SystemExit, match='a separate rate for the codes cannot be added'):
         train.main(tiny_args(tiny_dataset, full, *recipe[:2], '--max_steps_per_img_sidelength', '4,6'))
+
+
+def test_max_minutes_stops_with_a_final_checkpoint_and_the_decay_follows_the_clock(tiny_dataset, tmp_path, capsys):
+    args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '100000,0', '--max_minutes', '0.0001',
+                     '--lr_schedule', 'cosine', '--lr_min_ratio', '0.25', '--no_validation')
+    assert train.main(args) == 0
+    (final,) = checkpoints(tmp_path)
+    state = load(final)
+    assert state['step'] == 2  # the first log step (--steps_til_log 2) after the budget of 6 ms
+    assert state['elapsed_seconds'] >= 0.006
+    assert '(the --max_minutes 0.0001 budget)' in capsys.readouterr().out
+    # the budget is spent: the decay has reached its end whatever the step count says
+    assert train.learning_rate_factor(2, 100000, 0, 'cosine', 0.25, time_fraction=5.0) == 0.25
+    assert abs(state['optimizer']['param_groups'][0]['lr'] - 5e-5 * train.learning_rate_factor(
+        1, 100000, 0, 'cosine', 0.25)) < 1e-15  # step 1 ran before the first clock reading

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Quality against wall-clock time: the reference recipe and the fast recipe (train_configs/shepard_metzler*.yml,
+# both with --fast) each trained for a budget of seconds (--max_minutes: setup and compilation included) on the
+# same generated Shepard-Metzler set, then test.py on the test split's spiral views of the first 50 training
+# objects (held-out novel views, 1000 images at 64 px). Runs one after the other on one GPU.
+#
+#   bash benchmarks/time_to_quality.sh OUT_DIR ["OBJECTS..."] ["SECONDS..."] ["SEEDS..."] ["RECIPES..."]
+#   e.g. bash benchmarks/time_to_quality.sh /tmp/ttq "50 500" "60 150 300" "0 1 2"
+#
+# Every finished run is kept (OUT_DIR/<objects>_<recipe>_<seconds>s_seed<seed>): calling again with other
+# budgets or seeds adds to the table. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
+# OUT_DIR/time_to_quality.png (held-out PSNR against seconds; needs matplotlib). TRAIN_FLAGS (default --fast)
+# replaces the flags both recipes add, e.g. TRAIN_FLAGS="--device cpu" for a trial run without a GPU.
+set -u
+OUT=${1:?usage: time_to_quality.sh OUT_DIR [OBJECTS] [SECONDS] [SEEDS] [RECIPES]}
+OBJECTS=${2:-50}; BUDGETS=${3:-60 150 300}; SEEDS=${4:-0}; RECIPES=${5:-reference fast}
+PYTHON=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+
+for objects in $OBJECTS; do
+  data=$OUT/sm$objects
+  [ -f "$data/dataset_info.json" ] || "$PYTHON" shepard_metzler.py --output_dir "$data" --num_objects "$objects" \
+      --sidelength 64 > "$OUT/sm$objects.log" 2>&1
+  for seed in $SEEDS; do
+    for budget in $BUDGETS; do
+      for recipe in $RECIPES; do
+        run=$OUT/${objects}_${recipe}_${budget}s_seed$seed
+        [ -f "${run}_test/metrics.json" ] && continue
+        config=train_configs/shepard_metzler.yml
+        [ "$recipe" = fast ] && config=train_configs/shepard_metzler_fast.yml
+        rm -rf "$run"
+        # shellcheck disable=SC2086
+        "$PYTHON" train.py -c "$config" ${TRAIN_FLAGS---fast} --data_root "$data/train" --val_root "$data/val" \
+            --logging_root "$run" --seed "$seed" --max_minutes "$("$PYTHON" -c "print($budget / 60)")" \
+            --max_steps_per_img_sidelength 1000000 --no_validation --steps_til_ckpt 1000000 \
+            --steps_til_image 1000000 > "$run.log" 2>&1
+        "$PYTHON" test.py --data_root "$data/test" --checkpoint_path "$run/checkpoints" --img_sidelength 64 \
+            --max_num_instances 50 --save_out_first_n 0 --batch_size 64 --logging_root "${run}_test" \
+            --no_progress --overwrite > "${run}_test.log" 2>&1
+        echo "$(basename "$run"): $(grep -o 'Done: [0-9]* steps in [0-9:]*' "$run.log" | tail -1);" \
+             "held-out PSNR, SSIM $(cat "${run}_test/results.txt" 2>/dev/null || echo failed)"
+      done
+    done
+  done
+done
+
+"$PYTHON" - "$OUT" <<'PY'
+import collections, json, pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+runs = collections.defaultdict(list)  # (objects, recipe, seconds) -> [(psnr, ssim, steps)]
+for metrics in sorted(out.glob('*_*_*s_seed*_test/metrics.json')):
+    objects, recipe, seconds = re.match(r'(\d+)_(\w+?)_(\d+)s_seed\d+_test', metrics.parent.name).groups()
+    summary = json.loads(metrics.read_text())['summary']['all_views']
+    log = (out / metrics.parent.name[:-len('_test')]).with_suffix('.log')
+    done = re.findall(r'Done: (\d+) steps', log.read_text(errors='replace')) if log.exists() else []
+    runs[int(objects), recipe, int(seconds)].append((summary['psnr'], summary['ssim'], int(done[-1]) if done else 0))
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+lines = ['| objects | recipe | seconds | seeds | steps | held-out PSNR (dB) | SSIM |', '|---|---|---|---|---|---|---|']
+for (objects, recipe, seconds), values in sorted(runs.items()):
+    psnr, psnr_std = mean_std([v[0] for v in values])
+    ssim, _ = mean_std([v[1] for v in values])
+    steps, _ = mean_std([v[2] for v in values])
+    lines.append(f'| {objects} | {recipe} | {seconds} | {len(values)} | {steps:.0f} | {psnr:.2f} +- {psnr_std:.2f} | {ssim:.3f} |')
+(out / 'time_to_quality.md').write_text('\n'.join(lines) + '\n')
+print('\n'.join(lines))
+try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit('(no matplotlib: no plot)')
+figure, axis = plt.subplots(figsize=(6, 4))
+for objects, recipe in sorted({(o, r) for o, r, _ in runs}):
+    points = sorted((s, mean_std([v[0] for v in runs[objects, recipe, s]])) for o, r, s in runs
+                    if (o, r) == (objects, recipe))
+    axis.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points], marker='o',
+                  capsize=3, label=f'{recipe}, {objects} objects')
+axis.set_xlabel('wall-clock seconds (setup and compilation included)')
+axis.set_ylabel('held-out PSNR (dB)')
+axis.grid(alpha=0.3)
+axis.legend()
+figure.tight_layout()
+figure.savefig(out / 'time_to_quality.png', dpi=120)
+PY
