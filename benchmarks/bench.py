@@ -120,9 +120,28 @@ def bench_variant(name, options, sidelength, batch_size, args):
     result['render_images_per_s'] = batch_size / result['render_ms'] * 1e3
     losses = train_step()
     result['loss_finite'] = bool(torch.isfinite(losses['total_loss']).item())
+    if args.profile:
+        model.train()
+        result['profile'] = profile_steps(train_step, args.profile)
     del model, optimizer, forward
     torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(step, num_steps, row_limit=25):
+    """torch.profiler over ``num_steps`` training steps: the kernels (and ops) by their own GPU time, per step.
+
+    :return: the table as text (also printed), self CUDA time and FLOP counts where PyTorch knows them
+    """
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_flops=True) as prof:
+        for _ in range(num_steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=row_limit, max_name_column_width=70)
+    print(f"profile of {num_steps} training steps (times are totals over them):\n{table}", flush=True)
+    return table
 
 
 def compare_paths(sidelength, batch_size):
@@ -157,6 +176,8 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--out', default='bench.json')
     parser.add_argument('--compare', action='store_true', help='also compare fast and exact outputs')
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                        help='also profile this many training steps per variant and setting (torch.profiler)')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py measures GPU throughput: no CUDA device found')
