@@ -67,6 +67,7 @@ import torch
 
 import data_util
 import geometry
+import util
 
 # The published SRN datasets: 128 px with f = 131.25 = 525/512 * 128 (SPEC section 5).
 FOCAL_PER_SIDE = 525.0 / 512.0
@@ -1082,4 +1083,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(util.run_command(main, 'render_meshes.py',
+                              interrupted='interrupted; run the same command to render the rest (done frames are kept)'))

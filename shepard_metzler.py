@@ -30,10 +30,12 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 
 import numpy as np
 
 import data_util
+import util
 from geometry import look_at, sphere_positions, spiral_positions
 
 NUM_CUBES = 7  # Shepard & Metzler (1971); the SRN paper's Shepard-Metzler objects have seven parts
@@ -324,4 +326,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(util.run_command(main, 'shepard_metzler.py',
+                              interrupted='interrupted; run again with --overwrite for a complete dataset'))

@@ -391,8 +391,14 @@ def main(argv=None):
 
     _prepare_logging_root(opt.logging_root, opt.overwrite)
     with util.RunLock(opt.logging_root, what='test.py'):
-        return _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs,
-                    interpolate, device)
+        try:
+            return _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs,
+                        interpolate, device)
+        except OSError as error:
+            if error.filename is not None or isinstance(error, util.CheckpointWriteError):
+                raise  # its message names the file
+            raise OutputError(f"{opt.logging_root}: writing the results failed ({error.strerror or error})") \
+                from None
 
 
 def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs, interpolate,
@@ -581,19 +587,5 @@ def write_interpolation(opt, model, dataset, pair, device):
     write_video(os.path.join(opt.logging_root, 'interpolation', '%06d_%06d' % tuple(pair)), frames, opt.fps)
 
 
-def cli(argv=None):
-    """The command line: errors in the inputs or the environment end in one line and a non-zero exit code."""
-    try:
-        main(argv)
-    except KeyboardInterrupt:
-        sys.exit("test.py: interrupted; the results written so far are incomplete")
-    except (ValueError, OSError, util.RunLockedError) as error:
-        if isinstance(error, OSError) and not isinstance(error, util.CheckpointWriteError) \
-                and error.filename is None and error.strerror:
-            error = f"writing the results: {error.strerror}"  # a failed write that names no file
-        sys.exit(f"test.py: error: {error}")
-    return 0
-
-
 if __name__ == '__main__':
-    sys.exit(cli())
+    sys.exit(util.run_command(main, 'test.py', interrupted='interrupted; the results written so far are incomplete'))

@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 
 import configargparse
@@ -359,6 +360,21 @@ def _with_colorbar(image, near, far, min_height=128):
     draw.text((x, margin - 5), labels[0], fill=(0, 0, 0))
     draw.text((x, height - margin - 6), labels[1], fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def run_command(main, name, argv=None, interrupted='interrupted'):
+    """Run a command line's ``main(argv)``: a user error (ValueError, OSError: a bad file, a full disk, a
+    read-only folder; a locked run folder) ends in one line ``<name>: error: ...`` on stderr and exit status 1,
+    Ctrl-C in ``<name>: <interrupted>`` and 130, never a traceback. Returns the exit status (main's, or 0)."""
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:
+        print(f"{name}: {interrupted}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RunLockedError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 1
+    return status if isinstance(status, int) else 0
 
 
 def set_tf32(enabled):

@@ -279,3 +279,28 @@ def test_checkpoint_names_count_epochs_as_the_reference(tiny_dataset, tmp_path, 
     assert [p.name for p in checkpoints(tmp_path)] == ['epoch_0014_iter_000015.pth']
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.search(r'Done: 15 steps in \d+:\d\d; val PSNR \d+\.\d\d dB, SSIM \d\.\d{3}; final checkpoint', closing)
+
+
+# --- The other command lines: one line, no traceback ------------------------------------------------------
+
+def test_dataset_generators_report_bad_paths_in_one_line(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = run_script('shepard_metzler.py', '--output_dir', tmp_path / 'a_file' / 'sm', '--num_objects', 2)
+    assert_one_line_error(result, 'shepard_metzler.py: error:', str(tmp_path / 'a_file'))
+    result = run_script('render_meshes.py', '--mesh_dir', tmp_path / 'no_meshes', '--output_dir', tmp_path / 'out')
+    assert_one_line_error(result, 'render_meshes.py: error:', str(tmp_path / 'no_meshes'), 'not found')
+
+
+def test_test_py_failing_to_write_mid_run_names_the_folder(tiny_dataset, tmp_path, monkeypatch):
+    import test as srn_test
+    run = tmp_path / 'run'
+    assert train.main(tiny_args(tiny_dataset, run, '--max_steps_per_img_sidelength', '1,0', '--no_validation')) == 0
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')  # as a PNG encoder reports it: no file name
+
+    monkeypatch.setattr(srn_test.data_util, 'write_image', full_disk)
+    with pytest.raises(OSError, match=rf"{tmp_path / 'eval'}: writing the results failed \(No space left on device\)"):
+        srn_test.main(['--data_root', str(tiny_dataset / 'train'), '--checkpoint_path', str(run / 'checkpoints'),
+                       '--logging_root', str(tmp_path / 'eval'), '--img_sidelength', '8', '--tracing_steps', '2',
+                       '--device', 'cpu', '--no_progress'])
