@@ -1083,5 +1083,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(util.run_command(main, 'render_meshes.py',
-                              interrupted='interrupted; run the same command to render the rest (done frames are kept)'))
+    sys.exit(util.run_command(main, 'render_meshes.py'))

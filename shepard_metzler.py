@@ -326,5 +326,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(util.run_command(main, 'shepard_metzler.py',
-                              interrupted='interrupted; run again with --overwrite for a complete dataset'))
+    sys.exit(util.run_command(main, 'shepard_metzler.py'))

@@ -588,4 +588,4 @@ def write_interpolation(opt, model, dataset, pair, device):
 
 
 if __name__ == '__main__':
-    sys.exit(util.run_command(main, 'test.py', interrupted='interrupted; the results written so far are incomplete'))
+    sys.exit(util.run_command(main, 'test.py'))

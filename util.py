@@ -16,7 +16,6 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import tempfile
 
 import configargparse
@@ -362,18 +361,17 @@ def _with_colorbar(image, near, far, min_height=128):
     return np.asarray(canvas)
 
 
-def run_command(main, name, argv=None, interrupted='interrupted'):
-    """Run a command line's ``main(argv)``: a user error (ValueError, OSError: a bad file, a full disk, a
-    read-only folder; a locked run folder) ends in one line ``<name>: error: ...`` on stderr and exit status 1,
-    Ctrl-C in ``<name>: <interrupted>`` and 130, never a traceback. Returns the exit status (main's, or 0)."""
+def run_command(main, name, argv=None):
+    """Run a command line's ``main(argv)`` and give ``sys.exit`` its outcome: main's exit status (0 if none);
+    for a user error (ValueError, OSError: a bad file, a full disk, a read-only folder; a locked run folder) the
+    one line ``<name>: error: ...``, which ``sys.exit`` prints to stderr with status 1; 130 for Ctrl-C. Never
+    a traceback for those. Usage: ``sys.exit(util.run_command(main, 'test.py'))``."""
     try:
         status = main(argv)
     except KeyboardInterrupt:
-        print(f"{name}: {interrupted}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RunLockedError) as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        return 1
+        return f"{name}: error: {error}"
     return status if isinstance(status, int) else 0
 
 
