@@ -177,12 +177,6 @@ def build_model(opt, num_instances, embedding_size):
 
 # --- Images, depth, point clouds, videos ----------------------------------------------------------
 
-def foreground_mask(rgb, threshold):
-    """(..., N, 3) colours in [-1, 1] -> (..., N) bool: not the white background (some channel darker than
-    1 - threshold in [0, 1])."""
-    return ((rgb + 1.) / 2. < 1. - threshold).any(dim=-1)
-
-
 def write_ply(path, points, colors):
     """Binary little-endian PLY with x y z (float32) red green blue (uint8) per vertex."""
     points = np.asarray(points, dtype='<f4').reshape(-1, 3)
@@ -343,11 +337,7 @@ def _prepare_logging_root(logging_root, overwrite):
         raise FileExistsError(f"{logging_root}: already holds results.txt; pass --overwrite to replace the "
                               f"results, or choose another --logging_root")
     try:
-        util.cond_mkdir(logging_root)
-        probe = os.path.join(logging_root, f'.write_test_{os.getpid()}')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
+        util.ensure_writable_folder(logging_root)
     except OSError as error:
         raise OutputError(f"{logging_root}: cannot write the results here ({error.strerror or error}); "
                           f"choose another --logging_root") from None
@@ -488,7 +478,7 @@ def evaluate(opt, model, dataset, fit_observation_idcs, device):
             comparisons = srns.comparison_images(model_input, (rgb, depth), target_rgb)  # (B, 3, s, 3s)
             normals = srns.normal_map(model_input, depth) if opt.save_normals else None  # (B, 3, s, s)
             mask_source = rgb if opt.foreground == 'prediction' else target_rgb
-            foreground = foreground_mask(mask_source, opt.foreground_threshold)  # (B, N)
+            foreground = util.foreground_mask(mask_source, opt.foreground_threshold)  # (B, N)
             points = None
             if opt.point_cloud:
                 points = geometry.world_from_xy_depth(model_input['uv'], depth, model_input['pose'],

@@ -214,10 +214,7 @@ def check_dataset_root(path, name):
 
 def check_writable(folder):
     try:
-        util.cond_mkdir(folder)
-        probe = pathlib.Path(folder) / f'.write_test_{os.getpid()}'
-        probe.write_text('')
-        probe.unlink()
+        util.ensure_writable_folder(folder)
     except OSError as error:
         raise SetupError(f"--logging_root {folder}: not writable ({error.strerror or error}); "
                          f"choose another folder") from None
@@ -397,7 +394,7 @@ def depth_images(depth, target):
     """(B, N, 1) depths -> (B, 3, H, W) in [0, 1]: viridis over each object's depth range, the background
     (white in the target) white, a labelled colour bar beside each (``util.colorize_depth``)."""
     side = srns.geometry.lin2img(depth[:1].float()).shape[-1]
-    foreground = ((target.float() + 1) / 2 < 0.95).any(dim=-1)  # (B, N): not the white background
+    foreground = util.foreground_mask(target.float())  # (B, N): not the white background
     previews = [util.colorize_depth(d.reshape(side, side).cpu().numpy(), m.reshape(side, side).cpu().numpy())
                 for d, m in zip(depth.float(), foreground)]
     return torch.from_numpy(np.stack(previews)).permute(0, 3, 1, 2).float() / 255.
@@ -454,8 +451,10 @@ def log_images(writer, step, model, model_input, ground_truth, losses, num_image
 
 def newest_checkpoint(checkpoint_dir):
     """The newest checkpoint file in ``checkpoint_dir`` by name, or a phrase saying there is none."""
-    candidates = sorted(pathlib.Path(checkpoint_dir).glob('*.pth'))
-    return str(candidates[-1]) if candidates else f"none (no checkpoint in {checkpoint_dir} yet)"
+    try:
+        return str(util.resolve_checkpoint_path(checkpoint_dir))
+    except FileNotFoundError:
+        return f"none (no checkpoint in {checkpoint_dir} yet)"
 
 
 def rng_state():

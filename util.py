@@ -45,6 +45,15 @@ def cond_mkdir(path):
     os.makedirs(path, exist_ok=True)
 
 
+def ensure_writable_folder(folder):
+    """Create ``folder`` if needed and check that a file can be written in it (OSError if not), before a run
+    writes anything there."""
+    cond_mkdir(folder)
+    probe = pathlib.Path(folder) / f'.write_test_{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+
+
 def unwrap_model(model):
     """The plain SRNsModel inside DDP and/or torch.compile wrappers."""
     while True:
@@ -317,6 +326,12 @@ def viridis(t):
     low = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
     frac = (t - low)[..., None]
     return _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
+
+
+def foreground_mask(rgb, threshold=0.05):
+    """(..., N, 3) colours in [-1, 1] -> (..., N) bool: not the white background (some channel darker than
+    1 - threshold in [0, 1])."""
+    return ((rgb + 1.) / 2. < 1. - threshold).any(dim=-1)
 
 
 def colorize_depth(depth, foreground, colorbar=True):
