@@ -94,12 +94,19 @@ class HypoNetwork:
 
     :param layers: list of (weights (B, out, in), biases (B, 1, out), normalize) per layer; ``normalize``
         applies LayerNorm without affine and ReLU after the linear map.
+    :param fused: under mixed precision, evaluate with the fused kernels of kernels.py where they apply; the
+        code below stays the definition they are tested against.
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, fused=False):
         self.layers = layers
+        self.fused = fused
 
     def __call__(self, x):  # (B, N, 3) -> (B, N, C)
+        if self.fused and torch.is_autocast_enabled(x.device.type):
+            import kernels  # here, not at the top: importing Triton costs seconds, and only this path needs it
+            if kernels.supports(x, self.layers):
+                return kernels.phi(x, self.layers)
         for i, (weights, biases, normalize) in enumerate(self.layers):
             if i == 0 and torch.is_autocast_enabled(x.device.type):
                 # Under mixed precision the input layer still runs in float32: bfloat16 would round
@@ -139,6 +146,7 @@ class HyperFC(nn.Module):
         else:
             layers.append(HyperLayer(in_ch=hidden_ch, out_ch=out_ch, **hyper_kwargs))
         self.layers = nn.ModuleList(layers)
+        self.fused_kernels = False  # kernels.py under mixed precision; set by SRNsModel.use_fused_kernels
 
     def forward(self, hyper_input):  # z (B, L) -> phi
         hypo_layers = []
@@ -147,4 +155,4 @@ class HyperFC(nn.Module):
                 hypo_layers.append((*layer.hyper_linear.weights_and_biases(hyper_input), True))
             else:
                 hypo_layers.append((*layer.weights_and_biases(hyper_input), False))
-        return HypoNetwork(hypo_layers)
+        return HypoNetwork(hypo_layers, fused=self.fused_kernels)

@@ -82,6 +82,15 @@ class SRNsModel(nn.Module):
                 for param in module.parameters():
                     param.requires_grad = False
 
+    def use_fused_kernels(self, enabled=True):
+        """Evaluate phi with the fused GPU kernels of kernels.py under mixed precision (a speed switch only:
+        the PyTorch layers stay the definition, float32 never uses the kernels). Returns self."""
+        if enabled:
+            import kernels  # noqa: F401  (load Triton now, not inside a compiled region)
+        if not self.fit_single_srn:
+            self.hyper_phi.fused_kernels = enabled
+        return self
+
     def get_z(self, model_input, z=None):
         """The batch's latent codes (B, L): ``z`` if given, else ``param`` or the table's; None for one scene."""
         if self.fit_single_srn:

@@ -117,6 +117,9 @@ def get_parser():
     g.add_argument('--fast', action='store_true', default=False,
                    help='The fast GPU path: --amp bf16 and --compile, TF32 matmuls, fused Adam. About 5x the '
                         'reference\'s throughput at a quarter of its memory (benchmarks/NOTES.md).')
+    g.add_argument('--kernels', choices=('torch', 'triton'), default='torch',
+                   help='phi under --amp bf16 / --fast: PyTorch layers (default), or the fused Triton kernels of '
+                        'kernels.py (experimental: not yet faster, see benchmarks/NOTES.md).')
     g.add_argument('--init_depth_std', type=float, default=5e-4,
                    help='Std of the ray marcher\'s initial depth noise (reference: 5e-4).')
     g.add_argument('--steps_til_log', type=int, default=10,
@@ -511,7 +514,8 @@ FIXED_ON_RESUME = ('embedding_size', 'has_params', 'fit_single_srn', 'use_unet_r
 IGNORED_ON_RESUME = ('config_filepath', 'logging_root', 'device', 'num_workers', 'preload', 'checkpoint_path',
                      'start_step', 'steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image',
                      'steps_til_embedding', 'generate_shepard_metzler', 'no_validation', 'val_root',
-                     'max_num_instances_val', 'max_num_observations_val', 'fast', 'amp', 'compile')
+                     'max_num_instances_val', 'max_num_observations_val', 'fast', 'amp', 'compile',
+                     'kernels')
 
 
 def resume_changes(stored, opt, path):
@@ -645,6 +649,21 @@ def main(argv=None):
             lock.release()
 
 
+def use_fused_kernels(opt, device):
+    """--kernels: whether phi runs on the fused Triton kernels (only ever under --amp bf16)."""
+    if opt.kernels == 'torch':
+        return False
+    import kernels  # only here: importing Triton costs seconds
+    if opt.amp != 'bf16':
+        raise SetupError("--kernels triton: the fused kernels serve the mixed-precision path; add --fast or --amp "
+                         "bf16 (the float32 path is the reference's and stays on PyTorch)")
+    if device.type != 'cuda' or not kernels.available():
+        raise SetupError("--kernels triton: the fused kernels need Triton and a CUDA device "
+                         f"(device {device}, Triton {'installed' if kernels.triton else 'not installed'}); "
+                         "use --kernels torch")
+    return True
+
+
 def train(opt):
     run_start = time.perf_counter()
     sidelengths, batch_sizes, max_steps = schedule_from_opt(opt)
@@ -711,6 +730,8 @@ def train(opt):
                            freeze_networks=opt.freeze_networks, init_depth_std=opt.init_depth_std)
     model.to(device)
     model.train()
+    fused_kernels = use_fused_kernels(opt, device)
+    model.use_fused_kernels(fused_kernels)
     # The fused Adam kernel is one launch instead of one per parameter tensor; same update rule.
     optimizer = make_optimizer(model, opt, fused=opt.fast and device.type == 'cuda')
     base_lrs = [group['base_lr'] for group in optimizer.param_groups]  # this run's, also after resuming
@@ -771,7 +792,9 @@ def train(opt):
 
     train_model = model
     if opt.compile:
-        train_model = util.compile_model(train_model)
+        # The fused kernels save what their backward needs; letting the compiler recompute them instead cost
+        # 4 ms a step (benchmarks/NOTES.md).
+        train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels else 0.5)
     if world_size > 1:
         # has_params leaves the latent table without gradients: DDP must not wait for them
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -16,6 +16,10 @@ Variants:
               fused Adam: train.py's --fast
   fast_nobudget    fast without activation recomputation
   fast_cudagraphs  fast, compiled with CUDA graphs (mode='reduce-overhead')
+  fused       fast with phi on the fused Triton kernels (kernels.py), no recomputation: train.py --fast
+  fused_budget05   fused with the compiler's activation recomputation (memory budget 0.5)
+  fused_cudagraphs fused, compiled with CUDA graphs
+  fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
 """
 import argparse
 import json
@@ -43,6 +47,11 @@ VARIANTS = {
     'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
     'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
                             memory_budget=0.5),
+    'fused': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
+    'fused_budget05': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused=True),
+    'fused_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
+                             memory_budget=1.0, fused=True),
+    'fused_eager': dict(amp=torch.bfloat16, compile=False, tf32=True, fused=True),
 }
 
 
@@ -86,8 +95,9 @@ def bench_variant(name, options, sidelength, batch_size, args):
     torch.manual_seed(0)
     device = torch.device('cuda')
     model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10).to(device)
-    fused = options['compile'] or options['amp'] is not None
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused)
+    model.use_fused_kernels(options.get('fused', False))
+    fused_adam = options['compile'] or options['amp'] is not None
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused_adam)
     model_input, target = make_batch(sidelength, batch_size, 2433, device)
     forward = (util.compile_model(model, options.get('memory_budget', 1.0), mode=options.get('compile_mode'))
                if options['compile'] else model)
@@ -145,7 +155,8 @@ def profile_steps(step, num_steps, row_limit=25):
 
 
 def compare_paths(sidelength, batch_size):
-    """Relative L2 error of the fast path's outputs and gradients against the exact float32 path."""
+    """Relative L2 error of the fast path's outputs and gradients against the exact float32 path, with phi on
+    PyTorch layers (``fast``) and on the fused kernels (``fused``)."""
     torch._dynamo.reset()
     util.set_tf32(False)
     torch.manual_seed(0)
@@ -163,9 +174,15 @@ def compare_paths(sidelength, batch_size):
 
     exact = run(model, False)
     util.set_tf32(True)
-    fast = run(util.compile_model(model, 0.5), True)
     names = ('rgb', 'depth', 'gradients')
-    return {name: ((f - e).norm() / e.norm()).item() for name, e, f in zip(names, exact, fast)}
+    errors = {}
+    for variant, fused in (('fast', False), ('fused', True)):
+        torch._dynamo.reset()
+        model.use_fused_kernels(fused)
+        result = run(util.compile_model(model, 0.5), True)
+        errors[variant] = {name: ((f - e).norm() / e.norm()).item() for name, e, f in zip(names, exact, result)}
+    model.use_fused_kernels(False)
+    return errors
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import kernels
 import shepard_metzler
 import train
 
@@ -253,6 +254,10 @@ def test_clear_errors_before_training(tiny_dataset, tmp_path):
     (tmp_path / 'a_file').write_text('')
     fails('not writable', logging_root=tmp_path / 'a_file' / 'logs')
     fails(r'checkpoint not found', '--checkpoint_path', str(tmp_path / 'nope.pth'))
+    fails(r'--kernels triton: .*mixed-precision path; add --fast or --amp bf16', '--kernels', 'triton')
+    if not (torch.cuda.is_available() and kernels.available()):
+        fails(r'--kernels triton: the fused kernels need Triton and a CUDA device \(device cpu',
+              '--kernels', 'triton', '--amp', 'bf16', '--device', 'cpu')
     with pytest.raises(SystemExit):  # argparse: --data_root is required
         train.main(['--logging_root', str(tmp_path)])
 

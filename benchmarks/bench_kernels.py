@@ -1,0 +1,104 @@
+"""Each fused kernel of kernels.py alone, with every autotuning candidate, at the cars setting's shapes.
+
+For one evaluation of phi at 64 px x 64 (B = 64 observations, N = 4096 points, C = 256, bfloat16) it prints each
+kernel's time per candidate and the memory bandwidth and matrix rate that time implies, next to what PyTorch
+takes for the same work (a copy of one activation, the batched product, LayerNorm), so a slow kernel shows
+whether it is far from the memory roofline or from the matrix units.
+
+    python benchmarks/bench_kernels.py [--out kernels.json]
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import kernels  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--points', type=int, default=4096)
+    parser.add_argument('--out', default='kernels.json')
+    args = parser.parse_args(argv)
+    if not kernels.available() or not torch.cuda.is_available():
+        raise SystemExit('bench_kernels.py needs a CUDA device and Triton')
+    from triton.testing import do_bench
+    B, N, C = args.batch, args.points, 256
+    dev, bf16, f32 = 'cuda', torch.bfloat16, torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(B, N, 3, device=dev)
+    w0, b0 = torch.randn(B, C, 3, device=dev), torch.randn(B, C, device=dev)
+    act = torch.randn(B, N, C, device=dev, dtype=bf16)
+    act2 = torch.randn(B, N, C, device=dev, dtype=bf16)
+    w, b = torch.randn(B, C, C, device=dev, dtype=bf16) / 16, torch.randn(B, C, device=dev, dtype=bf16)
+    rstd = torch.rand(B, N, device=dev) + 0.5
+    out, out2 = torch.empty_like(act), torch.empty_like(act)
+    dw, db = torch.empty_like(w), torch.empty_like(b)
+    dx3 = torch.empty_like(x)
+    act_bytes = B * N * C * 2
+    flops = 2 * B * N * C * C
+    results = []
+
+    def report(name, ms, bytes_moved, flop=0):
+        row = {'kernel': name, 'us': ms * 1e3, 'TB/s': bytes_moved / ms / 1e9, 'TFLOP/s': flop / ms / 1e9}
+        results.append(row)
+        print(f"{name:60s} {row['us']:8.1f} us  {row['TB/s']:5.2f} TB/s  {row['TFLOP/s']:6.1f} TFLOP/s", flush=True)
+
+    report('torch: copy one activation (B, N, C) bf16', do_bench(lambda: out.copy_(act)), 2 * act_bytes)
+    report('torch: bmm (B, N, C) @ (B, C, C) bf16', do_bench(lambda: torch.bmm(act, w.transpose(1, 2))),
+           2 * act_bytes, flops)
+    report('torch: layer_norm + relu bf16', do_bench(lambda: F.relu(F.layer_norm(act, (C,)))), 2 * act_bytes)
+
+    rows_grid = lambda meta: (triton_cdiv(N, meta['BLOCK_M']), B)  # noqa: E731
+    cases = [
+        ('_input_layer_fwd', kernels._input_layer_fwd, rows_grid,
+         lambda kw: (x, w0, b0, out, rstd, N, 1e-5), dict(C=C), act_bytes, 0),
+        ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
+         lambda kw: (act, w, b, out, rstd, out2, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
+                                                                   PRECISION='tf32'), 2 * act_bytes, flops),
+        ('_hidden_layer_bwd_input', kernels._hidden_layer_bwd_input, rows_grid,
+         lambda kw: (act, act2, rstd, w, out, out2, N), dict(C=C, NORMALIZE=True, PRECISION='tf32'),
+         4 * act_bytes, flops),
+        ('_hidden_layer_bwd_weights', kernels._hidden_layer_bwd_weights,
+         lambda meta: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B),
+         lambda kw: (act, act2, dw, db, N), dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops),
+    ]
+    for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
+        for config in autotuned.configs:
+            meta = dict(config.kwargs)
+
+            def launch():
+                autotuned.fn[grid](*make_args(meta), **constants, **meta, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
+            try:
+                ms = do_bench(launch)
+            except Exception as error:  # a candidate that does not compile on this GPU (e.g. out of resources)
+                print(f"{name} {meta} w{config.num_warps} s{config.num_stages}: failed: {str(error)[:120]}")
+                continue
+            report(f"{name} {meta} w{config.num_warps} s{config.num_stages}", ms, bytes_moved, flop)
+    parts = torch.empty(B, triton_cdiv(N, kernels.INPUT_ROWS), 3, C, device=dev)
+    parts_b = torch.empty(B, triton_cdiv(N, kernels.INPUT_ROWS), C, device=dev)
+    for config in kernels._input_layer_bwd.configs:
+        meta = dict(config.kwargs)
+
+        def launch():
+            kernels._input_layer_bwd.fn[(triton_cdiv(N, kernels.INPUT_ROWS), B)](
+                act, act2, rstd, x, w0, dx3, parts, parts_b, N, C=C, ROWS=kernels.INPUT_ROWS, **meta,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+        report(f"_input_layer_bwd {meta} w{config.num_warps}", do_bench(launch), 2 * act_bytes)
+    info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
+            'results': results}
+    pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+if __name__ == '__main__':
+    main()

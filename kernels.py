@@ -1,0 +1,382 @@
+"""Fused GPU kernels (Triton) for phi, the hot path of SRN training and rendering.
+
+phi (paper section 3.1, its weights made per scene by the hypernetwork of section 3.3) is evaluated at every
+ray-marching step and once more for the pixel generator: 11 times a step, on every ray. In PyTorch each of its
+layers is a batched matrix product followed by LayerNorm (no affine) and ReLU, and each of those writes and reads
+a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (benchmarks/NOTES.md, "profile").
+
+``phi`` here computes what ``hyperlayers.HypoNetwork`` computes, with one kernel per layer that keeps a
+256-wide row in registers from the matrix product through LayerNorm, and the matching backward:
+
+- forward, per layer: ``relu(x_prev) @ W^T + b -> LayerNorm`` in one pass; it stores the normalised values
+  *before* the ReLU (xhat, what the backward needs) and 1/std per row, and the next layer applies the ReLU as
+  it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast.
+- backward, per layer: LayerNorm's backward (gated by the ReLU) and the product with W in one pass, then the
+  weight gradient ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel.
+
+Tolerance: the kernels take bfloat16 activations and weights (float32 for the input layer) with float32
+accumulation, like PyTorch's bf16 path; they differ from it only in rounding (LayerNorm here sees the float32
+product where PyTorch rounds it to bf16 first). ``tests/test_kernels.py`` holds outputs and gradients to the
+PyTorch path in the same precision. The exact (float32) path never uses these kernels.
+
+The switch: ``SRNsModel.use_fused_kernels(True)`` (train.py ``--kernels``); the PyTorch code in
+hyperlayers.py stays the definition. Without Triton (CPU builds of PyTorch) ``available()`` is False.
+
+Shape vocabulary: ``B`` observations, ``N`` points per observation, ``C`` = 256 channels, ``K`` input channels.
+"""
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without Triton; the PyTorch path is used then
+    triton = None
+
+# TRITON_INTERPRET=1 runs the kernels on the CPU (slowly), which is how the tests check them without a GPU.
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+# SRN_KERNELS_AUTOTUNE=0 skips autotuning (first candidate of each kernel): quick compiles, e.g. for tests.
+AUTOTUNE = os.environ.get('SRN_KERNELS_AUTOTUNE', '1') != '0' and not INTERPRET
+
+
+# The widest tile of the autotuning candidates is 256 columns; the interpreter runs only the first candidate,
+# whose tiles are at most 128 wide, so the tests can use C = 128 there.
+MIN_CHANNELS = 128 if INTERPRET else 256
+
+
+def available():
+    """Whether the fused kernels can run here: Triton is installed and a CUDA device (or the interpreter) exists."""
+    return _REGISTERED and (torch.cuda.is_available() or INTERPRET)
+
+
+def supports(x, layers):
+    """Whether ``phi(x, layers)`` has a fused kernel: phi's layout (3 -> C -> ... -> C, C a power of two >= 256, every
+    layer normalised, or all but the last) on tensors of a device the kernels run on."""
+    if not _REGISTERED or not (x.is_cuda or (INTERPRET and x.device.type == 'cpu')):
+        return False
+    channels = layers[0][0].shape[-2]
+    if x.dim() != 3 or x.shape[-1] != 3 or channels & (channels - 1) or channels < MIN_CHANNELS or len(layers) < 2:
+        return False
+    for i, (weights, _, normalize) in enumerate(layers):
+        in_ch = 3 if i == 0 else channels
+        if weights.shape[-2:] != (channels, in_ch) or not (normalize or i == len(layers) - 1):
+            return False
+    return True
+
+
+if triton is not None:
+    def _configs(*configs):
+        """Autotuning candidates ((meta-parameters, num_warps, num_stages) each); only the first without AUTOTUNE.
+
+        A (rows, 256) float32 tile costs rows * 256 / (32 * num_warps) registers a thread; the candidates keep the
+        LayerNorm kernels' live tiles small enough not to spill.
+        """
+        configs = [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in configs]
+        return configs if AUTOTUNE else configs[:1]
+
+    @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
+                                      ({'BLOCK_M': 64}, 8, 1)),
+                     key=['N', 'C'])
+    @triton.jit
+    def _input_layer_fwd(x_ptr, w_ptr, b_ptr, xhat_ptr, rstd_ptr, N, eps,
+                         C: tl.constexpr, BLOCK_M: tl.constexpr):
+        """xhat = LayerNorm(x @ W^T + b) for x (B, N, 3) float32, W (B, C, 3), b (B, C); float32 arithmetic."""
+        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        cols = tl.arange(0, C)
+        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32) + tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
+        for k in tl.static_range(3):
+            xk = tl.load(x_ptr + b * N * 3 + rows * 3 + k, mask=row_ok, other=0.).to(tl.float32)
+            wk = tl.load(w_ptr + b * C * 3 + cols * 3 + k).to(tl.float32)
+            acc += xk[:, None] * wk[None, :]
+        mean = tl.sum(acc, axis=1) / C
+        centred = acc - mean[:, None]
+        rstd = 1. / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+        tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
+        tl.store(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :],
+                 (centred * rstd[:, None]).to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.autotune(configs=_configs(({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
+                     key=['N', 'C'])
+    @triton.jit
+    def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, eps,
+                          C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = LayerNorm(relu(x) @ W^T + b) (or without LayerNorm) for x (B, N, C), W (B, C, C), b (B, C);
+        with WRITE_RELU also relu(out), phi's output."""
+        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        cols = tl.arange(0, C)
+        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + b * N * C + rows[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
+            x = tl.where(x > 0, x, 0.).to(w_ptr.dtype.element_ty)  # the previous layer's ReLU
+            w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
+            acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+        acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
+        if NORMALIZE:
+            mean = tl.sum(acc, axis=1) / C
+            acc = acc - mean[:, None]
+            rstd = 1. / tl.sqrt(tl.sum(acc * acc, axis=1) / C + eps)
+            acc = acc * rstd[:, None]
+            tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
+        tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
+        tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_RELU:
+            tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
+        """d(pre-LayerNorm) from d(relu output) for a (BLOCK_M, C) tile, float32."""
+        cols = tl.arange(0, C)
+        xhat = tl.load(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
+                       other=0.).to(tl.float32)
+        rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+        grad = tl.where(xhat > 0, grad, 0.)  # ReLU
+        mean_grad = tl.sum(grad, axis=1) / C
+        mean_grad_xhat = tl.sum(grad * xhat, axis=1) / C
+        return rstd[:, None] * (grad - mean_grad[:, None] - xhat * mean_grad_xhat[:, None])
+
+    @triton.autotune(configs=_configs(({'BLOCK_M': 32, 'BLOCK_N': 64}, 4, 1), ({'BLOCK_M': 32, 'BLOCK_N': 128}, 8, 1),
+                                      ({'BLOCK_M': 64, 'BLOCK_N': 64}, 8, 1), ({'BLOCK_M': 64, 'BLOCK_N': 128}, 8, 1),
+                                      ({'BLOCK_M': 16, 'BLOCK_N': 128}, 4, 1), ({'BLOCK_M': 64, 'BLOCK_N': 256}, 8, 1)),
+                     key=['N', 'C'])
+    @triton.jit
+    def _hidden_layer_bwd_input(grad_ptr, xhat_ptr, rstd_ptr, w_ptr, dpre_ptr, dx_ptr, N,
+                                C: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dpre = LayerNorm/ReLU backward of grad (stored), dx = dpre @ W, for one (BLOCK_M, C) tile of rows."""
+        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        cols = tl.arange(0, C)
+        tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
+        grad = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
+        if NORMALIZE:
+            dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
+            dpre = dpre.to(w_ptr.dtype.element_ty)
+            tl.store(dpre_ptr + b * N * C + tile, dpre, mask=row_ok[:, None])
+        else:
+            dpre = grad.to(w_ptr.dtype.element_ty)
+        for n0 in tl.static_range(0, C, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            w = tl.load(w_ptr + b * C * C + cols[:, None] * C + ns[None, :])  # (C, BLOCK_N)
+            dx = tl.dot(dpre, w, input_precision=PRECISION)
+            tl.store(dx_ptr + b * N * C + rows[:, None] * C + ns[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+    @triton.autotune(configs=_configs(({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 64}, 8, 3),
+                                      ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 4),
+                                      ({'BLOCK_N': 128, 'BLOCK_K': 64, 'BLOCK_R': 64}, 4, 3),
+                                      ({'BLOCK_N': 256, 'BLOCK_K': 64, 'BLOCK_R': 64}, 8, 3),
+                                      ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
+                     key=['N', 'C'])
+    @triton.jit
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N,
+                                  C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """dW = dpre^T @ relu(x) (B, C, C) and db = sum of dpre over rows (B, C), for one (BLOCK_N, BLOCK_K) tile."""
+        pid_n, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, N, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            row_ok = rs < N
+            dpre_t = tl.load(dpre_ptr + b * N * C + rs[None, :] * C + ns[:, None], mask=row_ok[None, :],
+                             other=0.)  # (BLOCK_N, BLOCK_R)
+            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
+            x = tl.where(x > 0, x, 0.).to(dpre_t.dtype)  # the previous layer's ReLU
+            acc = tl.dot(dpre_t, x, acc, input_precision=PRECISION)
+            if pid_k == 0:
+                bias_acc += tl.sum(dpre_t.to(tl.float32), axis=1)
+        tl.store(dw_ptr + b * C * C + ns[:, None] * C + ks[None, :], acc.to(dw_ptr.dtype.element_ty))
+        if pid_k == 0:
+            tl.store(db_ptr + b * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
+
+    @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
+                                      ({'BLOCK_M': 64}, 8, 1)),
+                     key=['N', 'C'])
+    @triton.jit
+    def _input_layer_bwd(grad_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, N,
+                         C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db.
+
+        The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 throughout.
+        """
+        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        cols = tl.arange(0, C)
+        w0 = tl.load(w_ptr + b * C * 3 + cols * 3).to(tl.float32)
+        w1 = tl.load(w_ptr + b * C * 3 + cols * 3 + 1).to(tl.float32)
+        w2 = tl.load(w_ptr + b * C * 3 + cols * 3 + 2).to(tl.float32)
+        # (BLOCK_M, C) running sums, reduced over rows once at the end
+        dw0 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        dw1 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        dw2 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        db = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        for r0 in range(0, ROWS, BLOCK_M):
+            rows = pid_m * ROWS + r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < N
+            grad = tl.load(grad_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
+                           other=0.).to(tl.float32)
+            dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
+            point = x_ptr + b * N * 3 + rows * 3
+            tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
+            tl.store(dx_ptr + b * N * 3 + rows * 3 + 1, tl.sum(dpre * w1[None, :], axis=1), mask=row_ok)
+            tl.store(dx_ptr + b * N * 3 + rows * 3 + 2, tl.sum(dpre * w2[None, :], axis=1), mask=row_ok)
+            dw0 += dpre * tl.load(point, mask=row_ok, other=0.)[:, None]
+            dw1 += dpre * tl.load(point + 1, mask=row_ok, other=0.)[:, None]
+            dw2 += dpre * tl.load(point + 2, mask=row_ok, other=0.)[:, None]
+            db += dpre
+        part = b * tl.num_programs(0) + pid_m
+        tl.store(dw_part_ptr + (part * 3) * C + cols, tl.sum(dw0, axis=0))
+        tl.store(dw_part_ptr + (part * 3 + 1) * C + cols, tl.sum(dw1, axis=0))
+        tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, tl.sum(dw2, axis=0))
+        tl.store(db_part_ptr + part * C + cols, tl.sum(db, axis=0))
+
+
+INPUT_ROWS = 256  # rows per program in the input layer's backward
+
+
+def _launch(kernel):
+    """A kernel launcher torch.compile can trace (``wrap_triton``), or the kernel itself."""
+    wrap = getattr(torch.library, 'wrap_triton', None)
+    return wrap(kernel) if wrap is not None and not INTERPRET else kernel
+
+
+def _precision(dtype):
+    """float32 products stay float32 (IEEE), so the kernels can be checked against the exact path to ~1e-6."""
+    return 'ieee' if dtype == torch.float32 else 'tf32'
+
+
+def _rows_grid(num_rows, batch_size):
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta['BLOCK_M']), batch_size)
+    return grid
+
+
+def _phi_forward_impl(x, weights, biases, eps, normalize_last):
+    """[v (B, N, C), xhat of every normalised layer (B, N, C), 1/std of every normalised layer (B, N)]."""
+    batch_size, num_points, _ = x.shape
+    channels = weights[0].shape[-2]
+    act_dtype = weights[1].dtype
+    grid = _rows_grid(num_points, batch_size)
+
+    def empty_rows(*shape, dtype=act_dtype):
+        return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
+    xhats, rstds = [empty_rows(channels)], [empty_rows(dtype=torch.float32)]
+    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], xhats[0], rstds[0], num_points, eps, C=channels)
+    out = None
+    for i in range(1, len(weights)):
+        last = i == len(weights) - 1
+        normalize = normalize_last or not last
+        out = empty_rows(channels)
+        rstd = empty_rows(dtype=torch.float32) if normalize else out
+        v = empty_rows(channels) if last and normalize else out
+        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, eps,
+                                         C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize,
+                                         PRECISION=_precision(act_dtype))
+        if normalize:
+            xhats.append(out), rstds.append(rstd)
+        out = v
+    return [out, *xhats, *rstds]
+
+
+def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
+    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output."""
+    batch_size, num_points, channels = grad_v.shape
+    grid = _rows_grid(num_points, batch_size)
+    grads = []
+    grad = grad_v
+    for i in range(len(weights) - 1, 0, -1):
+        normalize = i < len(xhats)
+        weight = weights[i]
+        dpre = torch.empty_like(grad, dtype=weight.dtype) if normalize else grad.to(weight.dtype)
+        dx = torch.empty(batch_size, num_points, channels, device=x.device, dtype=weight.dtype)
+        _launch(_hidden_layer_bwd_input)[grid](grad, xhats[i] if normalize else grad,
+                                               rstds[i] if normalize else grad, weight, dpre, dx, num_points,
+                                               C=channels, NORMALIZE=normalize,
+                                               PRECISION=_precision(weight.dtype))
+        dw = torch.empty_like(weight)
+        db = torch.empty(batch_size, channels, device=x.device, dtype=weight.dtype)
+
+        def weights_grid(meta):
+            return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size)
+        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, C=channels,
+                                                                   PRECISION=_precision(weight.dtype))
+        grads = [dw, db] + grads
+        grad = dx
+    # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
+    num_parts = triton.cdiv(num_points, INPUT_ROWS)
+    dx = torch.empty_like(x)
+    dw_part = torch.empty(batch_size, num_parts, 3, channels, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch_size, num_parts, channels, device=x.device, dtype=torch.float32)
+    _launch(_input_layer_bwd)[(num_parts, batch_size)](grad, xhats[0], rstds[0], x, weights[0], dx, dw_part,
+                                                       db_part, num_points, C=channels, ROWS=INPUT_ROWS)
+    dw0 = dw_part.sum(1).transpose(1, 2).to(weights[0].dtype)  # (B, C, 3)
+    db0 = db_part.sum(1).to(weights[0].dtype)
+    return [dx, dw0, db0, *grads]
+
+
+def _register():
+    """The forward and backward as custom operators with autograd, which torch.compile traces into."""
+    @torch.library.triton_op('srn::phi_forward', mutates_args=())
+    def _phi_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                     eps: float, normalize_last: bool) -> list[torch.Tensor]:
+        return _phi_forward_impl(x, weights, biases, eps, normalize_last)
+
+    @torch.library.triton_op('srn::phi_backward', mutates_args=())
+    def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                      xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _phi_backward_impl(grad_v, x, weights, xhats, rstds)
+
+    def _setup_context(ctx, inputs, output):
+        x, weights, _, _, normalize_last = inputs
+        num_norm = len(weights) if normalize_last else len(weights) - 1
+        xhats, rstds = output[1:1 + num_norm], output[1 + num_norm:]
+        ctx.num_layers, ctx.num_norm = len(weights), num_norm
+        ctx.save_for_backward(x, *weights, *xhats, *rstds)
+        ctx.mark_non_differentiable(*xhats, *rstds)
+
+    def _backward(ctx, grads):
+        saved = ctx.saved_tensors
+        n, m = ctx.num_layers, ctx.num_norm
+        x, weights = saved[0], list(saved[1:1 + n])
+        xhats, rstds = list(saved[1 + n:1 + n + m]), list(saved[1 + n + m:])
+        flat = _phi_backward(grads[0].contiguous(), x, weights, xhats, rstds)
+        return flat[0], flat[1::2], flat[2::2], None, None
+
+    torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)
+
+
+_REGISTERED = False
+if triton is not None and hasattr(torch.library, 'triton_op'):
+    try:
+        _register()
+        _REGISTERED = True
+    except Exception as error:  # an older PyTorch whose custom-operator API differs: keep the PyTorch path
+        warnings.warn(f"kernels.py: the fused kernels are unavailable ({error}); phi runs on PyTorch layers")
+
+
+def phi(x, layers, eps=1e-5):
+    """phi(x) with the fused kernels: ``hyperlayers.HypoNetwork(layers)(x)`` under bfloat16 autocast.
+
+    :param x: (B, N, 3) world coordinates
+    :param layers: [(weights (B, C, in), biases (B, 1, C), normalize)] as HypoNetwork holds them; every layer
+        but perhaps the last is normalised (LayerNorm without affine, then ReLU)
+    :return: v (B, N, C) in the activations' dtype (bfloat16 under autocast)
+    """
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        weights = [layers[0][0].float().contiguous()] + [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
+        biases = [layers[0][1].float().reshape(x.shape[0], -1).contiguous()]
+        biases += [b.to(dtype).reshape(x.shape[0], -1).contiguous() for _, b, _ in layers[1:]]
+        return torch.ops.srn.phi_forward(x.float().contiguous(), weights, biases, eps, layers[-1][2])[0]

@@ -1,0 +1,166 @@
+"""The fused kernels of kernels.py against the PyTorch path they replace (hyperlayers.HypoNetwork).
+
+They run on a CUDA GPU, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` with Triton installed,
+slow but exact); elsewhere (CPU builds of PyTorch come without Triton) they skip, and the fallback is checked:
+asking for the kernels where they cannot run must give the PyTorch path's result.
+
+Tolerances:
+- float32 kernels (IEEE products) against the float32 PyTorch path: outputs and every gradient within 1e-5
+  relative L2 error, i.e. the same function up to summation order.
+- mixed precision: the kernels' relative error against float32 stays within 1.5x the PyTorch mixed-precision
+  path's own error (+1e-3). bfloat16 on the GPU; float16 in the interpreter, whose bfloat16 products are wrong.
+"""
+import pytest
+import torch
+
+import hyperlayers
+import kernels
+import srns
+import util
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+HALF = torch.bfloat16 if DEVICE == 'cuda' else torch.float16
+requires_kernels = pytest.mark.skipif(
+    not kernels.available(), reason="the fused kernels need Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+
+
+def relative_error(value, reference):
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def phi_outputs_and_grads(hyper, z, x, grad_v, fused, amp_dtype=None, direct=False):
+    """phi(x) for codes z and the gradients of <phi(x), grad_v> for x, z and the hypernetwork's parameters."""
+    hyper.fused_kernels = fused
+    hyper.zero_grad(set_to_none=True)
+    z, x = z.detach().requires_grad_(), x.detach().requires_grad_()
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        phi = hyper(z)
+        v = kernels.phi(x, phi.layers) if direct else phi(x)
+    (v.float() * grad_v).sum().backward()
+    return [v.detach(), x.grad, z.grad] + [p.grad for p in hyper.parameters()]
+
+
+def make_phi(channels=256, outermost_linear=False, batch_size=3, num_points=300, seed=0):
+    """A hypernetwork for phi (3 -> C -> C -> C -> C, as SRNsModel's), codes, points and an output gradient."""
+    torch.manual_seed(seed)
+    hyper = hyperlayers.HyperFC(hyper_in_ch=16, hyper_num_hidden_layers=1, hyper_hidden_ch=16, hidden_ch=channels,
+                                num_hidden_layers=2, in_ch=3, out_ch=channels,
+                                outermost_linear=outermost_linear).to(DEVICE)
+    z = torch.randn(batch_size, 16, device=DEVICE)
+    x = torch.randn(batch_size, num_points, 3, device=DEVICE)
+    grad_v = torch.randn(batch_size, num_points, channels, device=DEVICE)
+    return hyper, z, x, grad_v
+
+
+@requires_kernels
+@pytest.mark.parametrize('outermost_linear', [False, True])
+def test_float32_kernels_equal_the_pytorch_path(outermost_linear):
+    channels = 256 if DEVICE == 'cuda' else 128  # the interpreter is slow
+    hyper, z, x, grad_v = make_phi(channels, outermost_linear, num_points=300 if DEVICE == 'cuda' else 70)
+    util.set_tf32(False)
+    exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
+    fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
+    for value, reference in zip(fused, exact):
+        assert relative_error(value, reference) < 1e-5
+
+
+@requires_kernels
+def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch():
+    channels = 256 if DEVICE == 'cuda' else 128
+    hyper, z, x, grad_v = make_phi(channels, num_points=2000 if DEVICE == 'cuda' else 70)
+    util.set_tf32(False)
+    exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
+    pytorch = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, amp_dtype=HALF)
+    fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=True, amp_dtype=HALF)
+    assert fused[0].dtype == HALF
+    for name, value, baseline, reference in zip(['v', 'x', 'z'] + [n for n, _ in hyper.named_parameters()],
+                                                fused, pytorch, exact):
+        allowed = 1.5 * relative_error(baseline, reference) + 1e-3
+        assert relative_error(value, reference) <= allowed, name
+
+
+@requires_kernels
+def test_odd_sizes_and_a_single_point():
+    """Rows that do not fill a tile (masking), one observation, one point."""
+    channels = 256 if DEVICE == 'cuda' else 128
+    for batch_size, num_points in ((1, 1), (2, 65), (1, 129)):
+        hyper, z, x, grad_v = make_phi(channels, batch_size=batch_size, num_points=num_points)
+        util.set_tf32(False)
+        exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
+        fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
+        for value, reference in zip(fused, exact):
+            assert relative_error(value, reference) < 1e-5, (batch_size, num_points)
+
+
+@pytest.mark.skipif(DEVICE != 'cuda' or not kernels.available(), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize('compiled', [False, True])
+def test_srn_training_step_on_the_kernels(compiled):
+    """The whole model, forward and backward, with phi on the kernels (under torch.compile too)."""
+    torch.manual_seed(0)
+    util.set_tf32(False)
+    model = srns.SRNsModel(num_instances=10, latent_dim=256, tracing_steps=10, init_depth_std=0.).to(DEVICE)
+    side = 32
+    uv = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing='xy'), -1).reshape(1, -1, 2)
+    pose = torch.eye(4).repeat(4, 1, 1)
+    pose[:, 2, 3] = -1.5  # cameras on the -z axis looking at the origin
+    intrinsics = torch.tensor([[40., 0, 16, 0], [0, 40., 16, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).repeat(4, 1, 1)
+    model_input = {'instance_idx': torch.arange(4).float(), 'pose': pose, 'intrinsics': intrinsics,
+                   'uv': uv.repeat(4, 1, 1).float()}
+    model_input = {k: v.to(DEVICE) for k, v in model_input.items()}
+    target = torch.rand(4, side * side, 3, device=DEVICE) * 2 - 1
+
+    def run(fused, amp):
+        torch._dynamo.reset()
+        model.use_fused_kernels(fused)
+        forward = torch.compile(model) if compiled and amp else model
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+            rgb, depth = forward(model_input)
+            loss = srns.compute_losses(model, model_input, (rgb, depth), target)['total_loss']
+        loss.backward()
+        return [rgb, depth, loss] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    exact, pytorch, fused = run(False, False), run(False, True), run(True, True)
+    model.use_fused_kernels(False)
+    assert len(fused) == len(exact)
+    for i, (value, baseline, reference) in enumerate(zip(fused, pytorch, exact)):
+        if reference.float().norm() == 0:
+            continue
+        allowed = 1.5 * relative_error(baseline, reference) + 1e-3
+        assert relative_error(value, reference) <= allowed, i
+
+
+def test_without_the_kernels_the_switch_falls_back_to_pytorch():
+    """On a device the kernels do not serve, asking for them gives the PyTorch path's values."""
+    torch.manual_seed(0)
+    hyper = hyperlayers.HyperFC(hyper_in_ch=16, hyper_num_hidden_layers=1, hyper_hidden_ch=16, hidden_ch=128,
+                                num_hidden_layers=2, in_ch=3, out_ch=128)
+    z, x = torch.randn(2, 16), torch.randn(2, 50, 3)
+    grad_v = torch.randn(2, 50, 128)
+    if kernels.INTERPRET:
+        pytest.skip("under TRITON_INTERPRET the kernels serve the CPU")
+    assert not kernels.supports(x, hyper(z).layers)
+    plain = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, amp_dtype=torch.bfloat16)
+    switched = phi_outputs_and_grads(hyper, z, x, grad_v, fused=True, amp_dtype=torch.bfloat16)
+    for value, reference in zip(switched, plain):
+        assert torch.equal(value, reference)
+
+
+def test_supports_only_phis_layout():
+    """Layouts other than phi's (a linear layer inside, another input width, narrow layers) are not fused."""
+    torch.manual_seed(0)
+    device_ok = kernels.available()
+    x = torch.randn(2, 5, 3, device=DEVICE)
+
+    def layers(widths, normalize):
+        return [(torch.randn(2, out, inp, device=DEVICE), torch.randn(2, 1, out, device=DEVICE), norm)
+                for (inp, out), norm in zip(widths, normalize)]
+    width = kernels.MIN_CHANNELS
+    good = layers([(3, width), (width, width), (width, width)], [True, True, True])
+    assert kernels.supports(x, good) == (device_ok and (DEVICE == 'cuda' or kernels.INTERPRET))
+    assert not kernels.supports(x, layers([(3, 128), (128, 128), (128, 128)], [True, False, True]))
+    assert not kernels.supports(x, layers([(3, 64), (64, 64)], [True, True]))
+    assert not kernels.supports(x, layers([(3, 96), (96, 96)], [True, True]))
+    if not kernels.INTERPRET:  # 128 columns are below the tiles of the GPU's candidates
+        assert not kernels.supports(x, layers([(3, 128), (128, 128)], [True, True]))
+    assert not kernels.supports(torch.randn(2, 5, 4, device=DEVICE), layers([(4, 128), (128, 128)], [True, True]))
