@@ -118,7 +118,9 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_l
         first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
         first.communicate(timeout=60)
 
-    # A killed save leaves a temporary file; the next run removes it and trains.
+    # A killed save leaves a temporary file; the next run removes it and trains. (The killed run's own
+    # checkpoints go first: how far it got depends on the machine's speed.)
+    shutil.rmtree(tmp_path / 'checkpoints', ignore_errors=True)
     util.cond_mkdir(tmp_path / 'checkpoints')
     stale = tmp_path / 'checkpoints' / 'epoch_0000_iter_000002.pth.x1y2z3.tmp'
     stale.write_bytes(b'half a checkpoint')
