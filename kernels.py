@@ -78,9 +78,9 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
                                       ({'BLOCK_M': 64}, 8, 1)),
-                     key=['N', 'C'])
+                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _input_layer_fwd(x_ptr, w_ptr, b_ptr, xhat_ptr, rstd_ptr, N, eps,
+    def _input_layer_fwd(x_ptr, w_ptr, b_ptr, xhat_ptr, rstd_ptr, N, ROWS_KEY, eps,
                          C: tl.constexpr, BLOCK_M: tl.constexpr):
         """xhat = LayerNorm(x @ W^T + b) for x (B, N, 3) float32, W (B, C, 3), b (B, C); float32 arithmetic."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -102,9 +102,9 @@ if triton is not None:
     @triton.autotune(configs=_configs(({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
-                     key=['N', 'C'])
+                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, eps,
+    def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, ROWS_KEY, eps,
                           C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """out = LayerNorm(relu(x) @ W^T + b) (or without LayerNorm) for x (B, N, C), W (B, C, C), b (B, C);
@@ -147,9 +147,9 @@ if triton is not None:
     @triton.autotune(configs=_configs(({'BLOCK_M': 32, 'BLOCK_N': 64}, 4, 1), ({'BLOCK_M': 32, 'BLOCK_N': 128}, 8, 1),
                                       ({'BLOCK_M': 64, 'BLOCK_N': 64}, 8, 1), ({'BLOCK_M': 64, 'BLOCK_N': 128}, 8, 1),
                                       ({'BLOCK_M': 16, 'BLOCK_N': 128}, 4, 1), ({'BLOCK_M': 64, 'BLOCK_N': 256}, 8, 1)),
-                     key=['N', 'C'])
+                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_bwd_input(grad_ptr, xhat_ptr, rstd_ptr, w_ptr, dpre_ptr, dx_ptr, N,
+    def _hidden_layer_bwd_input(grad_ptr, xhat_ptr, rstd_ptr, w_ptr, dpre_ptr, dx_ptr, N, ROWS_KEY,
                                 C: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dpre = LayerNorm/ReLU backward of grad (stored), dx = dpre @ W, for one (BLOCK_M, C) tile of rows."""
@@ -177,9 +177,9 @@ if triton is not None:
                                       ({'BLOCK_N': 128, 'BLOCK_K': 64, 'BLOCK_R': 64}, 4, 3),
                                       ({'BLOCK_N': 256, 'BLOCK_K': 64, 'BLOCK_R': 64}, 8, 3),
                                       ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
-                     key=['N', 'C'])
+                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N,
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY,
                                   C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """dW = dpre^T @ relu(x) (B, C, C) and db = sum of dpre over rows (B, C), for one (BLOCK_N, BLOCK_K) tile."""
@@ -204,9 +204,9 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
                                       ({'BLOCK_M': 64}, 8, 1)),
-                     key=['N', 'C'])
+                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _input_layer_bwd(grad_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, N,
+    def _input_layer_bwd(grad_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, N, ROWS_KEY,
                          C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
         """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db.
 
@@ -257,6 +257,12 @@ def _precision(dtype):
     return 'ieee' if dtype == torch.float32 else 'tf32'
 
 
+def _rows_key(num_points):
+    """What the autotuner keys on: the row count's power of two, capped at 4096, so that each new count
+    (validation, ray batches, a last smaller batch) does not tune the kernels again."""
+    return min(triton.next_power_of_2(num_points), 4096)
+
+
 def _rows_grid(num_rows, batch_size):
     def grid(meta):
         return (triton.cdiv(num_rows, meta['BLOCK_M']), batch_size)
@@ -266,6 +272,7 @@ def _rows_grid(num_rows, batch_size):
 def _phi_forward_impl(x, weights, biases, eps, normalize_last):
     """[v (B, N, C), xhat of every normalised layer (B, N, C), 1/std of every normalised layer (B, N)]."""
     batch_size, num_points, _ = x.shape
+    rows_key = _rows_key(num_points)
     channels = weights[0].shape[-2]
     act_dtype = weights[1].dtype
     grid = _rows_grid(num_points, batch_size)
@@ -273,7 +280,8 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     xhats, rstds = [empty_rows(channels)], [empty_rows(dtype=torch.float32)]
-    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], xhats[0], rstds[0], num_points, eps, C=channels)
+    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], xhats[0], rstds[0], num_points, rows_key, eps,
+                                    C=channels)
     out = None
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
@@ -281,7 +289,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
         out = empty_rows(channels)
         rstd = empty_rows(dtype=torch.float32) if normalize else out
         v = empty_rows(channels) if last and normalize else out
-        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, eps,
+        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, eps,
                                          C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize,
                                          PRECISION=_precision(act_dtype))
         if normalize:
@@ -293,6 +301,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
 def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output."""
     batch_size, num_points, channels = grad_v.shape
+    rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
     grads = []
     grad = grad_v
@@ -302,7 +311,7 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
         dpre = torch.empty_like(grad, dtype=weight.dtype) if normalize else grad.to(weight.dtype)
         dx = torch.empty(batch_size, num_points, channels, device=x.device, dtype=weight.dtype)
         _launch(_hidden_layer_bwd_input)[grid](grad, xhats[i] if normalize else grad,
-                                               rstds[i] if normalize else grad, weight, dpre, dx, num_points,
+                                               rstds[i] if normalize else grad, weight, dpre, dx, num_points, rows_key,
                                                C=channels, NORMALIZE=normalize,
                                                PRECISION=_precision(weight.dtype))
         dw = torch.empty_like(weight)
@@ -310,7 +319,7 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
 
         def weights_grid(meta):
             return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size)
-        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, C=channels,
+        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, rows_key, C=channels,
                                                                    PRECISION=_precision(weight.dtype))
         grads = [dw, db] + grads
         grad = dx
@@ -320,7 +329,8 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
     dw_part = torch.empty(batch_size, num_parts, 3, channels, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch_size, num_parts, channels, device=x.device, dtype=torch.float32)
     _launch(_input_layer_bwd)[(num_parts, batch_size)](grad, xhats[0], rstds[0], x, weights[0], dx, dw_part,
-                                                       db_part, num_points, C=channels, ROWS=INPUT_ROWS)
+                                                       db_part, num_points, rows_key, C=channels,
+                                                       ROWS=INPUT_ROWS)
     dw0 = dw_part.sum(1).transpose(1, 2).to(weights[0].dtype)  # (B, C, 3)
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]

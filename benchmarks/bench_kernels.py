@@ -57,16 +57,16 @@ def main(argv=None):
     rows_grid = lambda meta: (triton_cdiv(N, meta['BLOCK_M']), B)  # noqa: E731
     cases = [
         ('_input_layer_fwd', kernels._input_layer_fwd, rows_grid,
-         lambda kw: (x, w0, b0, out, rstd, N, 1e-5), dict(C=C), act_bytes, 0),
+         lambda kw: (x, w0, b0, out, rstd, N, N, 1e-5), dict(C=C), act_bytes, 0),
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
-         lambda kw: (act, w, b, out, rstd, out2, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
+         lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
                                                                    PRECISION='tf32'), 2 * act_bytes, flops),
         ('_hidden_layer_bwd_input', kernels._hidden_layer_bwd_input, rows_grid,
-         lambda kw: (act, act2, rstd, w, out, out2, N), dict(C=C, NORMALIZE=True, PRECISION='tf32'),
+         lambda kw: (act, act2, rstd, w, out, out2, N, N), dict(C=C, NORMALIZE=True, PRECISION='tf32'),
          4 * act_bytes, flops),
         ('_hidden_layer_bwd_weights', kernels._hidden_layer_bwd_weights,
          lambda meta: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B),
-         lambda kw: (act, act2, dw, db, N), dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops),
+         lambda kw: (act, act2, dw, db, N, N), dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops),
     ]
     for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
         for config in autotuned.configs:
@@ -88,7 +88,7 @@ def main(argv=None):
 
         def launch():
             kernels._input_layer_bwd.fn[(triton_cdiv(N, kernels.INPUT_ROWS), B)](
-                act, act2, rstd, x, w0, dx3, parts, parts_b, N, C=C, ROWS=kernels.INPUT_ROWS, **meta,
+                act, act2, rstd, x, w0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS, **meta,
                 num_warps=config.num_warps, num_stages=config.num_stages)
         report(f"_input_layer_bwd {meta} w{config.num_warps}", do_bench(launch), 2 * act_bytes)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
