@@ -130,7 +130,8 @@ if triton is not None:
         tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
         tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_RELU:
-            tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
     @triton.jit
     def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
@@ -319,8 +320,8 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
 
         def weights_grid(meta):
             return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size)
-        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, rows_key, C=channels,
-                                                                   PRECISION=_precision(weight.dtype))
+        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, rows_key,
+                                                         C=channels, PRECISION=_precision(weight.dtype))
         grads = [dw, db] + grads
         grad = dx
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
