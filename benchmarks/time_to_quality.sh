@@ -8,7 +8,9 @@
 #   e.g. bash benchmarks/time_to_quality.sh /tmp/ttq "50 500" "60 150 300" "0 1 2"
 #
 # Every finished run is kept (OUT_DIR/<objects>_<recipe>_<seconds>s_seed<seed>): calling again with other
-# budgets or seeds adds to the table. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
+# budgets or seeds adds to the table. The reference recipe (a constant learning rate) trains once per seed, for the
+# largest budget, and the smaller budgets are read off checkpoints written as the clock passes them
+# (train.py --checkpoint_minutes); the fast recipe's decay follows its budget, so it trains once per budget. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
 # OUT_DIR/time_to_quality.png (held-out PSNR against seconds; needs matplotlib). TRAIN_FLAGS (default --fast)
 # replaces the flags both recipes add, e.g. TRAIN_FLAGS="--device cpu" for a trial run without a GPU.
 set -u
@@ -18,28 +20,62 @@ PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
+evaluate() {  # evaluate RUN_NAME CHECKPOINT STEPS: held-out PSNR of one checkpoint, as OUT_DIR/RUN_NAME_test
+  local name=$1 checkpoint=$2 steps=$3
+  "$PYTHON" test.py --data_root "$data/test" --checkpoint_path "$checkpoint" --img_sidelength 64 \
+      --max_num_instances 50 --save_out_first_n 0 --batch_size 64 --logging_root "$OUT/${name}_test" \
+      --no_progress --overwrite > "$OUT/${name}_test.log" 2>&1
+  echo "$name: $steps steps; held-out PSNR, SSIM $(cat "$OUT/${name}_test/results.txt" 2>/dev/null || echo failed)"
+}
+
+train() {  # train RUN_DIR CONFIG SECONDS [FLAGS...]
+  local run=$1 config=$2 budget=$3; shift 3
+  rm -rf "$run"
+  # shellcheck disable=SC2086
+  "$PYTHON" train.py -c "$config" ${TRAIN_FLAGS---fast} --data_root "$data/train" --val_root "$data/val" \
+      --logging_root "$run" --seed "$seed" --max_minutes "$("$PYTHON" -c "print($budget / 60)")" \
+      --max_steps_per_img_sidelength 1000000 --no_validation --steps_til_ckpt 1000000 \
+      --steps_til_image 1000000 "$@" > "$run.log" 2>&1
+}
+
+largest=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 for objects in $OBJECTS; do
   data=$OUT/sm$objects
   [ -f "$data/dataset_info.json" ] || "$PYTHON" shepard_metzler.py --output_dir "$data" --num_objects "$objects" \
       --sidelength 64 > "$OUT/sm$objects.log" 2>&1
   for seed in $SEEDS; do
-    for budget in $BUDGETS; do
-      for recipe in $RECIPES; do
-        run=$OUT/${objects}_${recipe}_${budget}s_seed$seed
-        [ -f "${run}_test/metrics.json" ] && continue
+    for recipe in $RECIPES; do
+      if [ "$recipe" = reference ]; then
+        # A constant learning rate: the run for the largest budget, checkpointed as the clock passes each smaller
+        # one, gives what separate runs for those budgets would (same seed, same steps up to that moment).
+        run=$OUT/${objects}_reference_run_seed$seed
+        pending=0
+        for budget in $BUDGETS; do [ -f "$OUT/${objects}_reference_${budget}s_seed${seed}_test/metrics.json" ] || pending=1; done
+        [ $pending = 0 ] && continue
+        smaller=$(for budget in $BUDGETS; do [ "$budget" -lt "$largest" ] && "$PYTHON" -c "print($budget / 60)"; done | paste -sd,)
+        train "$run" train_configs/shepard_metzler.yml "$largest" ${smaller:+--checkpoint_minutes "$smaller"}
+        for budget in $BUDGETS; do
+          if [ "$budget" = "$largest" ]; then
+            line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
+            checkpoint=${line##*final checkpoint }
+          else
+            minutes=$("$PYTHON" -c "print(f'{$budget / 60:g}')")
+            line=$(grep -o -- "--checkpoint_minutes $minutes: .* at step [0-9]*" "$run.log" | tail -1)
+            checkpoint=$(echo "$line" | sed -E 's/^--checkpoint_minutes [^:]*: (.*) at step [0-9]*$/\1/')
+          fi
+          steps=$(echo "$line" | grep -oE '(at step|Done:) [0-9]+' | grep -oE '[0-9]+$')
+          echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"))" > "$OUT/${objects}_reference_${budget}s_seed$seed.log"
+          evaluate "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}" "$steps"
+        done
+        continue
+      fi
+      for budget in $BUDGETS; do  # a schedule that follows the budget (cosine decay): one run per budget
+        name=${objects}_${recipe}_${budget}s_seed$seed
+        [ -f "$OUT/${name}_test/metrics.json" ] && continue
         config=train_configs/shepard_metzler.yml
         [ "$recipe" = fast ] && config=train_configs/shepard_metzler_fast.yml
-        rm -rf "$run"
-        # shellcheck disable=SC2086
-        "$PYTHON" train.py -c "$config" ${TRAIN_FLAGS---fast} --data_root "$data/train" --val_root "$data/val" \
-            --logging_root "$run" --seed "$seed" --max_minutes "$("$PYTHON" -c "print($budget / 60)")" \
-            --max_steps_per_img_sidelength 1000000 --no_validation --steps_til_ckpt 1000000 \
-            --steps_til_image 1000000 > "$run.log" 2>&1
-        "$PYTHON" test.py --data_root "$data/test" --checkpoint_path "$run/checkpoints" --img_sidelength 64 \
-            --max_num_instances 50 --save_out_first_n 0 --batch_size 64 --logging_root "${run}_test" \
-            --no_progress --overwrite > "${run}_test.log" 2>&1
-        echo "$(basename "$run"): $(grep -o 'Done: [0-9]* steps in [0-9:]*' "$run.log" | tail -1);" \
-             "held-out PSNR, SSIM $(cat "${run}_test/results.txt" 2>/dev/null || echo failed)"
+        train "$OUT/$name" "$config" "$budget"
+        evaluate "$name" "$OUT/$name/checkpoints" "$(grep -o 'Done: [0-9]* steps' "$OUT/$name.log" | tail -1 | grep -oE '[0-9]+')"
       done
     done
   done
