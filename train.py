@@ -149,7 +149,8 @@ def get_parser():
                    help='Stop after this many minutes of wall clock (from the start, setup and compilation '
                         'included, summed over resumptions), with a final checkpoint and validation; the cosine '
                         'decay then follows whichever of steps and minutes is further along (0: no limit).')
-    r.add_argument('--checkpoint_minutes', type=str, default=None, metavar='M1,M2,...',
+    # (Not named --checkpoint_*: the reference's configs say `checkpoint:` for --checkpoint_path, a prefix match.)
+    r.add_argument('--save_at_minutes', type=str, default=None, metavar='M1,M2,...',
                    help='Also write a checkpoint when the wall clock, counted as --max_minutes counts it, first '
                         'passes each of these minutes: with a constant learning rate, one run then shows the '
                         'quality reached at several budgets (benchmarks/time_to_quality.sh).')
@@ -184,13 +185,13 @@ def parse_int_list(text, name):
 
 
 def parse_minutes(text):
-    """--checkpoint_minutes: positive minutes, ascending."""
+    """--save_at_minutes: positive minutes, ascending."""
     try:
         minutes = sorted(float(item) for item in str(text).split(',') if item.strip())
     except ValueError:
-        raise SetupError(f"--checkpoint_minutes: expected comma-separated minutes, got {text!r}") from None
+        raise SetupError(f"--save_at_minutes: expected comma-separated minutes, got {text!r}") from None
     if not minutes or minutes[0] <= 0:
-        raise SetupError(f"--checkpoint_minutes: expected minutes > 0, got {text!r}")
+        raise SetupError(f"--save_at_minutes: expected minutes > 0, got {text!r}")
     return minutes
 
 
@@ -530,7 +531,7 @@ IGNORED_ON_RESUME = ('config_filepath', 'logging_root', 'device', 'num_workers',
                      'start_step', 'steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image',
                      'steps_til_embedding', 'generate_shepard_metzler', 'no_validation', 'val_root',
                      'max_num_instances_val', 'max_num_observations_val', 'fast', 'amp', 'compile',
-                     'kernels', 'checkpoint_minutes')
+                     'kernels', 'save_at_minutes')
 
 
 def resume_changes(stored, opt, path):
@@ -683,7 +684,7 @@ def train(opt):
     run_start = time.perf_counter()
     sidelengths, batch_sizes, max_steps = schedule_from_opt(opt)
     total_steps = sum(max_steps)
-    checkpoint_minutes = parse_minutes(opt.checkpoint_minutes) if opt.checkpoint_minutes else []
+    save_at_minutes = parse_minutes(opt.save_at_minutes) if opt.save_at_minutes else []
     specific_observation_idcs = (parse_int_list(opt.specific_observation_idcs, 'specific_observation_idcs')
                                  if opt.specific_observation_idcs is not None else None)
     if opt.freeze_networks and opt.fit_single_srn:
@@ -919,7 +920,7 @@ def train(opt):
         raise SystemExit(message)
 
     loop_start = time.perf_counter()
-    checkpoint_minutes = [m for m in checkpoint_minutes if m * 60 > elapsed_before]  # not again after resuming
+    save_at_minutes = [m for m in save_at_minutes if m * 60 > elapsed_before]  # not again after resuming
     time_fraction, out_of_time = 0., False  # of --max_minutes; updated on log steps, the same on every rank
     try:
         while step < total_steps and not out_of_time:
@@ -993,14 +994,14 @@ def train(opt):
                 if opt.max_minutes:
                     time_fraction = shared_value(elapsed() / (60 * opt.max_minutes), device, world_size)
                     out_of_time = time_fraction >= 1
-                if checkpoint_minutes:
+                if save_at_minutes:
                     minutes_now = shared_value(elapsed() / 60, device, world_size)
-                    passed = [m for m in checkpoint_minutes if m <= minutes_now]
-                    checkpoint_minutes = [m for m in checkpoint_minutes if m > minutes_now]
+                    passed = [m for m in save_at_minutes if m <= minutes_now]
+                    save_at_minutes = [m for m in save_at_minutes if m > minutes_now]
                     if passed and step < total_steps and not out_of_time:
                         last_checkpoint = save(step)
                         for minutes in passed if is_main else ():  # one line each: scripts look them up
-                            progress.write(f"--checkpoint_minutes {minutes:g}: {last_checkpoint} at step {step}, "
+                            progress.write(f"--save_at_minutes {minutes:g}: {last_checkpoint} at step {step}, "
                                            f"{minutes_now:.2f} min")
                 if any_rank(stop.signum is not None, device, world_size):
                     last_checkpoint = save(step)

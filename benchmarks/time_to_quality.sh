@@ -10,7 +10,7 @@
 # Every finished run is kept (OUT_DIR/<objects>_<recipe>_<seconds>s_seed<seed>): calling again with other
 # budgets or seeds adds to the table. The reference recipe (a constant learning rate) trains once per seed, for the
 # largest budget, and the smaller budgets are read off checkpoints written as the clock passes them
-# (train.py --checkpoint_minutes); the fast recipe's decay follows its budget, so it trains once per budget. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
+# (train.py --save_at_minutes); the fast recipe's decay follows its budget, so it trains once per budget. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
 # OUT_DIR/time_to_quality.png (held-out PSNR against seconds; needs matplotlib). TRAIN_FLAGS (default --fast)
 # replaces the flags both recipes add, e.g. TRAIN_FLAGS="--device cpu" for a trial run without a GPU.
 set -u
@@ -53,15 +53,15 @@ for objects in $OBJECTS; do
         for budget in $BUDGETS; do [ -f "$OUT/${objects}_reference_${budget}s_seed${seed}_test/metrics.json" ] || pending=1; done
         [ $pending = 0 ] && continue
         smaller=$(for budget in $BUDGETS; do [ "$budget" -lt "$largest" ] && "$PYTHON" -c "print($budget / 60)"; done | paste -sd,)
-        train "$run" train_configs/shepard_metzler.yml "$largest" ${smaller:+--checkpoint_minutes "$smaller"}
+        train "$run" train_configs/shepard_metzler.yml "$largest" ${smaller:+--save_at_minutes "$smaller"}
         for budget in $BUDGETS; do
           if [ "$budget" = "$largest" ]; then
             line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
             checkpoint=${line##*final checkpoint }
           else
             minutes=$("$PYTHON" -c "print(f'{$budget / 60:g}')")
-            line=$(grep -o -- "--checkpoint_minutes $minutes: .* at step [0-9]*" "$run.log" | tail -1)
-            checkpoint=$(echo "$line" | sed -E 's/^--checkpoint_minutes [^:]*: (.*) at step [0-9]*$/\1/')
+            line=$(grep -o -- "--save_at_minutes $minutes: .* at step [0-9]*" "$run.log" | tail -1)
+            checkpoint=$(echo "$line" | sed -E 's/^--save_at_minutes [^:]*: (.*) at step [0-9]*$/\1/')
           fi
           steps=$(echo "$line" | grep -oE '(at step|Done:) [0-9]+' | grep -oE '[0-9]+$')
           echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"))" > "$OUT/${objects}_reference_${budget}s_seed$seed.log"

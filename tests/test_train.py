@@ -426,18 +426,18 @@ def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
         train.main(tiny_args(tiny_dataset, full, *recipe[:2], '--max_steps_per_img_sidelength', '4,6'))
 
 
-def test_checkpoint_minutes_writes_a_checkpoint_as_the_clock_passes_each(tiny_dataset, tmp_path, capsys):
+def test_save_at_minutes_writes_a_checkpoint_as_the_clock_passes_each(tiny_dataset, tmp_path, capsys):
     args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '6,0', '--no_validation',
-                     '--checkpoint_minutes', '0.00001,0.00002,1000')
+                     '--save_at_minutes', '0.00001,0.00002,1000')
     assert train.main(args) == 0
     steps = [load(path)['step'] for path in checkpoints(tmp_path)]
     assert steps == [2, 6]  # both early minutes passed by the first log step: one checkpoint; then the final one
     assert load(checkpoints(tmp_path)[0])['elapsed_seconds'] >= 0.0012
     out = capsys.readouterr().out
-    assert '--checkpoint_minutes 1e-05: ' in out and '--checkpoint_minutes 2e-05: ' in out and 'at step 2' in out
+    assert '--save_at_minutes 1e-05: ' in out and '--save_at_minutes 2e-05: ' in out and 'at step 2' in out
     for bad in ('0,1', 'soon'):
-        with pytest.raises(SystemExit, match='--checkpoint_minutes: expected'):
-            train.main(tiny_args(tiny_dataset, tmp_path / bad, '--checkpoint_minutes', bad))
+        with pytest.raises(SystemExit, match='--save_at_minutes: expected'):
+            train.main(tiny_args(tiny_dataset, tmp_path / bad, '--save_at_minutes', bad))
 
 
 def test_max_minutes_stops_with_a_final_checkpoint_and_the_decay_follows_the_clock(tiny_dataset, tmp_path, capsys):
