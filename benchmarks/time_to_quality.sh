@@ -8,10 +8,11 @@
 #   e.g. bash benchmarks/time_to_quality.sh /tmp/ttq "50 500" "60 150 300" "0 1 2"
 #
 # Every finished run is kept (OUT_DIR/<objects>_<recipe>_<seconds>s_seed<seed>): calling again with other
-# budgets or seeds adds to the table. The reference recipe (a constant learning rate) trains once per seed, for the
-# largest budget, and the smaller budgets are read off checkpoints written as the clock passes them
-# (train.py --save_at_minutes); the fast recipe's decay follows its budget, so it trains once per budget. Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and
-# OUT_DIR/time_to_quality.png (held-out PSNR against seconds; needs matplotlib). TRAIN_FLAGS (default --fast)
+# budgets or seeds adds to the table. The reference recipe (a constant learning rate) trains once per seed, for
+# the largest budget, and the smaller budgets are read off checkpoints written as the clock passes them
+# (train.py --save_at_minutes); the fast recipe's decay follows its budget, so it trains once per budget.
+# GPU time per object count and seed, for budgets 60, 150 and 300 s: 300 + 510 s of training, plus evaluation.
+# Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and OUT_DIR/time_to_quality.png (held-out PSNR against seconds; needs matplotlib). TRAIN_FLAGS (default --fast)
 # replaces the flags both recipes add, e.g. TRAIN_FLAGS="--device cpu" for a trial run without a GPU.
 set -u
 OUT=${1:?usage: time_to_quality.sh OUT_DIR [OBJECTS] [SECONDS] [SEEDS] [RECIPES]}
