@@ -58,14 +58,16 @@ for objects in $OBJECTS; do
         for budget in $BUDGETS; do
           if [ "$budget" = "$largest" ]; then
             line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
-            checkpoint=${line##*final checkpoint }
+            checkpoint=${line##*final checkpoint } when="the end"
           else
             minutes=$("$PYTHON" -c "print(f'{$budget / 60:g}')")
-            line=$(grep -o -- "--save_at_minutes $minutes: .* at step [0-9]*" "$run.log" | tail -1)
-            checkpoint=$(echo "$line" | sed -E 's/^--save_at_minutes [^:]*: (.*) at step [0-9]*$/\1/')
+            line=$(grep -o -- "--save_at_minutes $minutes: .* at step [0-9]*, [0-9.]* min" "$run.log" | tail -1)
+            checkpoint=$(echo "$line" | sed -E 's/^--save_at_minutes [^:]*: (.*) at step [0-9]*, .*$/\1/')
+            when=${line##*, }
           fi
           steps=$(echo "$line" | grep -oE '(at step|Done:) [0-9]+' | grep -oE '[0-9]+$')
-          echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"))" > "$OUT/${objects}_reference_${budget}s_seed$seed.log"
+          echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"), saved at $when)" \
+              > "$OUT/${objects}_reference_${budget}s_seed$seed.log"
           evaluate "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}" "$steps"
         done
         continue
