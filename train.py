@@ -809,8 +809,8 @@ def train(opt):
 
     train_model = model
     if opt.compile:
-        # The fused kernels save what their backward needs; letting the compiler recompute them instead cost
-        # 4 ms a step (benchmarks/NOTES.md).
+        # The fused kernels save what their backward needs; with a memory budget the compiler ran their whole
+        # forward again in the backward (benchmarks/NOTES.md).
         train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels else 0.5)
     if world_size > 1:
         # has_params leaves the latent table without gradients: DDP must not wait for them
