@@ -438,3 +438,105 @@ class RandomRays(Dataset):
             observation['uv'] = observation['uv'][pixels]  # (N', 2)
             observation['rgb'] = ground_truth['rgb'] = observation['rgb'][pixels]  # (N', 3)
         return observations, ground_truths
+
+
+class DeviceRays:
+    """``RandomRays`` batches drawn on the training device from the whole dataset held there.
+
+    A DataLoader builds a ``--rays_per_view`` batch view by view on the host (decode, crop, draw pixels,
+    collate, copy); with many views a step, that costs more than the GPU's step. Here every observation of
+    the current side length is decoded once (``set_img_sidelength``) into device tensors, and a batch is a
+    few gathers on the device that never wait for the host. Images are kept in float16 (2 bytes per value;
+    the rounding, < 5e-4, is a sixteenth of an 8-bit image's quantisation step).
+
+    ``batches(keys, batch_size)`` takes the keys of ``train.EpochSampler`` (keyed): view ``key % len``, and
+    the pixels of a batch are drawn by a generator seeded from (``seed``, its first key), so the draws are a
+    function of the data order alone and a resumed run sees the same batches. They differ from
+    ``RandomRays``' draws (one generator per batch instead of per view), not in distribution: N distinct
+    pixels of each view, uniformly, in increasing pixel order.
+
+    :param dataset: a ``SceneClassDataset`` with ``samples_per_instance=1``
+    :param rays_per_view: N pixels per view (all of them when N >= the view's pixel count)
+    :param device: where the tensors live and the batches are drawn
+    :param num_workers: DataLoader workers that decode the images when the tensors are (re)built
+    :param worker_init_fn: passed to that DataLoader
+    """
+
+    def __init__(self, dataset, rays_per_view, device, seed=0, num_workers=0, worker_init_fn=None):
+        if rays_per_view < 1:
+            raise ValueError(f"rays_per_view must be >= 1, got {rays_per_view}")
+        self.dataset, self.rays_per_view, self.seed = dataset, rays_per_view, seed
+        self.device, self.num_workers, self.worker_init_fn = torch.device(device), num_workers, worker_init_fn
+        self.sidelength, self.tensors = None, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    @staticmethod
+    def nbytes(num_views, sidelength):
+        """Device memory the tensors of ``num_views`` views at ``sidelength`` take (the images dominate)."""
+        return num_views * (sidelength ** 2 * 3 * 2 + 2 * 16 * 4 + 8)
+
+    def set_img_sidelength(self, new_img_sidelength):
+        """Decode every observation at the new side length into device tensors (the old ones are freed first)."""
+        self.dataset.set_img_sidelength(new_img_sidelength)
+        self.tensors = None
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=256, shuffle=False,
+                                             num_workers=self.num_workers, collate_fn=collate_fn,
+                                             worker_init_fn=self.worker_init_fn if self.num_workers else None,
+                                             generator=torch.Generator())  # leaves the global RNG untouched
+        rgb = pose = intrinsics = instance_idx = param = None
+        start = 0
+        for observations, _ in loader:
+            batch = len(observations['rgb'])
+            if rgb is None:
+                num_views, (num_pixels, _) = len(self.dataset), observations['rgb'].shape[1:]
+                rgb = torch.empty(num_views, num_pixels, 3, dtype=torch.float16, device=self.device)
+                pose = torch.empty(num_views, 4, 4, device=self.device)
+                intrinsics = torch.empty(num_views, 4, 4, device=self.device)
+                instance_idx = torch.empty(num_views, device=self.device)
+                param = torch.empty(num_views, *observations['param'].shape[1:], device=self.device)
+                uv = observations['uv'][0].to(self.device)  # (P, 2): the same grid for every view
+            rgb[start:start + batch] = observations['rgb'].to(self.device)
+            pose[start:start + batch] = observations['pose'].to(self.device)
+            intrinsics[start:start + batch] = observations['intrinsics'].to(self.device)
+            instance_idx[start:start + batch] = observations['instance_idx'].to(self.device)
+            param[start:start + batch] = observations['param'].to(self.device)
+            start += batch
+        self.sidelength = new_img_sidelength
+        self.tensors = {'rgb': rgb, 'pose': pose, 'intrinsics': intrinsics, 'instance_idx': instance_idx,
+                        'param': param, 'uv': uv}
+
+    def batch(self, keys, first_key):
+        """One batch: (observation dict, ground-truth dict) on the device.
+
+        :param keys: (B,) int64 keys on the device
+        :param first_key: the first of them as a Python int (seeds the pixel draw without a host sync)
+        """
+        t = self.tensors
+        views = keys % len(self)  # (B,)
+        num_pixels = t['rgb'].shape[1]
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + int(first_key))
+        if self.rays_per_view >= num_pixels:
+            pixels = torch.arange(num_pixels, device=self.device).expand(len(keys), -1)  # (B, P)
+        else:  # N distinct pixels per view: the N largest of P uniform scores
+            scores = torch.rand(len(keys), num_pixels, generator=generator, device=self.device)
+            pixels = scores.topk(self.rays_per_view, dim=1, sorted=False).indices.sort(dim=1).values  # (B, N)
+        rgb = t['rgb'][views[:, None], pixels].float()  # (B, N, 3)
+        observations = {'instance_idx': t['instance_idx'][views], 'rgb': rgb, 'pose': t['pose'][views],
+                        'uv': t['uv'][pixels], 'param': t['param'][views], 'intrinsics': t['intrinsics'][views]}
+        return observations, {'rgb': rgb}
+
+    def batches(self, keys, batch_size):
+        """The batches of an epoch: ``keys`` (an EpochSampler, keyed) in consecutive groups of ``batch_size``,
+        the last partial group dropped. The keys cross to the device once, from pinned memory, asynchronously."""
+        keys = list(keys)
+        num_batches = len(keys) // batch_size
+        if num_batches == 0:
+            return
+        host = torch.tensor(keys[:num_batches * batch_size], dtype=torch.int64)
+        if self.device.type == 'cuda':
+            host = host.pin_memory()
+        on_device = host.to(self.device, non_blocking=True)
+        for b in range(num_batches):
+            yield self.batch(on_device[b * batch_size:(b + 1) * batch_size], keys[b * batch_size])

@@ -25,6 +25,7 @@ written per step in one transfer), on image/validation steps and at checkpoints.
 Usage: ``python train.py -c train_configs/demo.yml``; several GPUs:
 ``torchrun --nproc_per_node=4 train.py -c train_configs/cars.yml`` (the batch sizes are per GPU).
 """
+import functools
 import math
 import os
 import pathlib
@@ -137,6 +138,10 @@ def get_parser():
                    help='Train on this many random pixels of each view of a batch instead of whole images '
                         '(0: whole images, as the reference). The batch size then counts views. MLP pixel '
                         'generator only; validation and test.py render whole images.')
+    r.add_argument('--rays_on_device', action='store_true', default=False,
+                   help='With --rays_per_view: keep every training view on the training device (float16, decoded '
+                        'once per side length) and draw the rays there instead of in DataLoader workers; many '
+                        'views a step then cost no host time. Needs 6 bytes per pixel of device memory.')
     r.add_argument('--latent_lr', type=float, default=None,
                    help='Adam learning rate of the latent codes (default: --lr, one rate for all, as the reference).')
     r.add_argument('--lr_warmup_steps', type=int, default=0,
@@ -680,6 +685,18 @@ def use_fused_kernels(opt, device):
     return True
 
 
+def check_device_memory(device, nbytes, what):
+    """Refuse (SetupError) to place ``nbytes`` on a CUDA device when they would take over half its free memory:
+    the model still needs its activations. Other devices are not checked."""
+    if device.type != 'cuda':
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if nbytes > free / 2:
+        raise SetupError(f"{what} need {nbytes / 2 ** 30:.1f} GiB on {device}, which has {free / 2 ** 30:.1f} of "
+                         f"{total / 2 ** 30:.1f} GiB free (at most half of it may go to them); drop "
+                         f"--rays_on_device to stream the views from the host, or train on fewer views")
+
+
 def train(opt):
     run_start = time.perf_counter()
     sidelengths, batch_sizes, max_steps = schedule_from_opt(opt)
@@ -697,6 +714,8 @@ def train(opt):
                          "[0, 1]")
     if opt.rays_per_view and opt.use_unet_renderer:
         raise SetupError("--rays_per_view: the U-Net renderer convolves over whole images; use 0 with it")
+    if opt.rays_on_device and not opt.rays_per_view:
+        raise SetupError("--rays_on_device draws random rays: it needs --rays_per_view N (N > 0)")
 
     rank, world_size, device = setup_distributed(opt)
     is_main = rank == 0
@@ -820,12 +839,17 @@ def train(opt):
 
     amp_dtype = torch.bfloat16 if opt.amp == 'bf16' else None
     # What the loader serves: whole observations (the reference), or random rays of them (--rays_per_view).
-    train_items = train_dataset
-    if opt.rays_per_view:
+    num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
+    train_items, device_rays = train_dataset, None
+    if opt.rays_on_device:
+        device_rays = dataio.DeviceRays(train_dataset, opt.rays_per_view, device, seed=opt.seed + 7919 * rank,
+                                        num_workers=num_workers, worker_init_fn=ignore_interrupts)
+        check_device_memory(device, dataio.DeviceRays.nbytes(len(train_dataset), max(sidelengths)),
+                            f"--rays_on_device: the {len(train_dataset)} training views at {max(sidelengths)} px")
+    elif opt.rays_per_view:
         train_items = dataio.RandomRays(train_dataset, opt.rays_per_view, seed=opt.seed + 7919 * rank)
     scheduled_lr = opt.lr_warmup_steps > 0 or opt.lr_schedule != 'constant'
     loss_weights = {'l1_weight': opt.l1_weight, 'reg_weight': opt.reg_weight, 'kl_weight': opt.kl_weight}
-    num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
     loader_kwargs = dict(num_workers=num_workers, pin_memory=device.type == 'cuda',
                          persistent_workers=num_workers > 0, collate_fn=dataio.collate_fn,
                          worker_init_fn=ignore_interrupts if num_workers > 0 else None)
@@ -928,18 +952,26 @@ def train(opt):
                 new_stage = stage_of(step, max_steps)
                 if new_stage != stage:
                     stage = new_stage
-                    train_dataset.set_img_sidelength(sidelengths[stage])
                     sampler = EpochSampler(len(train_dataset), batch_sizes[stage], opt.seed, rank, world_size,
                                            keyed=bool(opt.rays_per_view))
-                    loader = DataLoader(train_items, batch_size=batch_sizes[stage], sampler=sampler,
-                                        drop_last=True, generator=torch.Generator().manual_seed(opt.seed),
-                                        **loader_kwargs)
+                    if device_rays is not None:
+                        try:
+                            device_rays.set_img_sidelength(sidelengths[stage])
+                        except (ValueError, OSError) as error:
+                            raise SetupError(f"{data_error_message(error)} (reading the training views for "
+                                             f"--rays_on_device at step {step})") from None
+                        loader = functools.partial(device_rays.batches, sampler, batch_sizes[stage])
+                    else:
+                        train_dataset.set_img_sidelength(sidelengths[stage])
+                        loader = DataLoader(train_items, batch_size=batch_sizes[stage], sampler=sampler,
+                                            drop_last=True, generator=torch.Generator().manual_seed(opt.seed),
+                                            **loader_kwargs)
                     stage_end = sum(max_steps[:stage + 1])
                     if is_main:
                         progress.write(f"Stage {stage}: {sidelengths[stage]} px, batch {batch_sizes[stage]}"
                                        f"{' per process' if world_size > 1 else ''}, steps {step}..{stage_end}")
                 sampler.set_epoch(epoch, epoch_step)
-                loader_iter = iter(loader)
+                loader_iter = loader() if device_rays is not None else iter(loader)
 
             try:
                 model_input, ground_truth = next(loader_iter)

@@ -1,7 +1,7 @@
 """Training and rendering throughput of the cars-size SRN on one GPU: the exact path against the fast path.
 
-For each setting (64 px x batch 64 and 128 px x batch 16, the two stages of the paper's cars schedule)
-and each variant, it times a full training step (forward, losses, backward, Adam) and a rendering pass
+For each setting (64 px x batch 64 and 128 px x batch 16, the two stages of the paper's cars schedule; and
+the fast recipe's 128 views x 512 random rays at 64 px) and each variant, it times a full training step (forward, losses, backward, Adam) and a rendering pass
 without gradients, with CUDA events, as the median over repeated runs after warm-up, and records the peak
 GPU memory of training. Prints a table and writes JSON.
 
@@ -37,7 +37,9 @@ import srns  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
 
-SETTINGS = {'64px_b64': (64, 64), '128px_b16': (128, 16)}
+# name: (side length, views per batch, rays per view or None for whole images)
+SETTINGS = {'64px_b64': (64, 64, None), '128px_b16': (128, 16, None),
+            'rays_64px_b128x512': (64, 128, 512)}  # the fast recipe (train_configs/shepard_metzler_fast.yml)
 VARIANTS = {
     'exact': dict(amp=None, compile=False, tf32=False),
     'exact_tf32': dict(amp=None, compile=False, tf32=True),
@@ -55,21 +57,25 @@ VARIANTS = {
 }
 
 
-def make_batch(sidelength, batch_size, num_instances, device, seed=0):
-    """A batch of cars-like views: cameras on a sphere of radius 1.3 looking at the origin."""
+def make_batch(sidelength, batch_size, num_instances, device, seed=0, rays_per_view=None):
+    """A batch of cars-like views: cameras on a sphere of radius 1.3 looking at the origin; whole images, or
+    ``rays_per_view`` random pixels of each."""
     rng = np.random.default_rng(seed)
     poses = np.stack([geometry.look_at(p) for p in geometry.sphere_positions(batch_size, 1.3, rng)])
     f = 131.25 * sidelength / 128
     intrinsics = geometry.intrinsics_matrix(f, sidelength / 2, sidelength / 2)
-    uv = geometry.uv_grid(sidelength)
+    uv = geometry.uv_grid(sidelength).repeat(batch_size, 1, 1)  # (B, s*s, 2)
     generator = torch.Generator().manual_seed(seed)
+    if rays_per_view:
+        pixels = torch.rand(batch_size, sidelength ** 2, generator=generator).argsort(dim=1)[:, :rays_per_view]
+        uv = torch.gather(uv, 1, pixels.sort(dim=1).values[..., None].expand(-1, -1, 2))  # (B, N, 2)
     model_input = {
         'instance_idx': torch.randint(num_instances, (batch_size,), generator=generator).float(),
         'pose': torch.tensor(poses, dtype=torch.float32),
         'intrinsics': intrinsics.repeat(batch_size, 1, 1),
-        'uv': uv.repeat(batch_size, 1, 1),
+        'uv': uv,
     }
-    target = torch.rand(batch_size, sidelength ** 2, 3, generator=generator) * 2 - 1
+    target = torch.rand(batch_size, uv.shape[1], 3, generator=generator) * 2 - 1
     return {k: v.to(device) for k, v in model_input.items()}, target.to(device)
 
 
@@ -89,7 +95,7 @@ def time_cuda(fn, warmup, repeats):
     return statistics.median(times), times
 
 
-def bench_variant(name, options, sidelength, batch_size, args):
+def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
     util.set_tf32(options['tf32'])
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -98,7 +104,7 @@ def bench_variant(name, options, sidelength, batch_size, args):
     model.use_fused_kernels(options.get('fused', False))
     fused_adam = options['compile'] or options['amp'] is not None
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused_adam)
-    model_input, target = make_batch(sidelength, batch_size, 2433, device)
+    model_input, target = make_batch(sidelength, batch_size, 2433, device, rays_per_view=rays_per_view)
     forward = (util.compile_model(model, options.get('memory_budget', 1.0), mode=options.get('compile_mode'))
                if options['compile'] else model)
     amp = options['amp']
@@ -112,7 +118,8 @@ def bench_variant(name, options, sidelength, batch_size, args):
         with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
             return forward(model_input)
 
-    result = {'variant': name, 'setting': f'{sidelength}px_b{batch_size}', 'rays': batch_size * sidelength ** 2}
+    setting = f'{sidelength}px_b{batch_size}' + (f'x{rays_per_view}' if rays_per_view else '')
+    result = {'variant': name, 'setting': setting, 'rays': batch_size * model_input['uv'].shape[1]}
     t0 = time.perf_counter()
     train_step()  # first call compiles
     torch.cuda.synchronize()
@@ -188,7 +195,7 @@ def compare_paths(sidelength, batch_size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', default='exact,fast')
-    parser.add_argument('--settings', default=','.join(SETTINGS))
+    parser.add_argument('--settings', default='64px_b64,128px_b16', help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--out', default='bench.json')
@@ -200,9 +207,9 @@ def main(argv=None):
         raise SystemExit('bench.py measures GPU throughput: no CUDA device found')
     results = []
     for setting in args.settings.split(','):
-        sidelength, batch_size = SETTINGS[setting]
+        sidelength, batch_size, rays_per_view = SETTINGS[setting]
         for name in args.variants.split(','):
-            result = bench_variant(name, VARIANTS[name], sidelength, batch_size, args)
+            result = bench_variant(name, VARIANTS[name], sidelength, batch_size, args, rays_per_view)
             results.append(result)
             print(f"{result['setting']:>10} {name:>10}  train {result['train_ms']:7.1f} ms  "
                   f"{result['train_peak_gib']:5.1f} GiB  render {result['render_ms']:6.1f} ms  "

@@ -391,9 +391,50 @@ def test_random_rays_are_a_deterministic_subset_of_the_view(tiny_dataset):
     assert torch.equal(again, observation['uv']) and not torch.equal(next_epoch, observation['uv'])
 
 
-def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
+def test_device_rays_are_a_deterministic_subset_of_the_views(tiny_dataset):
+    import dataio
+    base = dataio.SceneClassDataset(str(tiny_dataset / 'train'), img_sidelength=8, samples_per_instance=1)
+    rays = dataio.DeviceRays(base, rays_per_view=10, device='cpu', seed=5)
+    rays.set_img_sidelength(8)
+    keys = torch.tensor([3, 7 + len(base), 0])  # views 3, 7, 0
+    observations, truth = rays.batch(keys, first_key=3)
+    assert observations['uv'].shape == (3, 10, 2) and truth['rgb'].shape == (3, 10, 3)
+    for row, view in enumerate((3, 7, 0)):
+        (whole,), _ = base[view]
+        pixels = observations['uv'][row, :, 1] * 8 + observations['uv'][row, :, 0]  # row-major index of each ray
+        assert len(set(pixels.tolist())) == 10 and (pixels.diff() > 0).all()
+        # float16 storage: within half a unit of its last place on [-1, 1]
+        torch.testing.assert_close(truth['rgb'][row], whole['rgb'][pixels], rtol=0, atol=2 ** -11)
+        for key in ('pose', 'intrinsics', 'instance_idx', 'param'):
+            torch.testing.assert_close(observations[key][row], whole[key], rtol=0, atol=0)
+    assert truth['rgb'] is observations['rgb']
+    assert torch.equal(rays.batch(keys, first_key=3)[0]['uv'], observations['uv'])  # same keys, same rays
+    assert not torch.equal(rays.batch(keys + len(base), first_key=3 + len(base))[0]['uv'], observations['uv'])
+
+    batches = list(rays.batches([5, 1, 2, 9, 4], batch_size=2))  # the partial last group is dropped
+    assert len(batches) == 2 and batches[1][0]['instance_idx'].tolist() == [base.get_instance_idx(2)[0],
+                                                                          base.get_instance_idx(9)[0]]
+    rays.set_img_sidelength(6)  # a new stage: rebuilt at the new side length, every pixel when N >= 36
+    rays.rays_per_view = 40
+    observations, truth = rays.batch(torch.tensor([1]), first_key=1)
+    (whole,), _ = base[1]
+    assert torch.equal(observations['uv'][0], whole['uv'])
+    torch.testing.assert_close(truth['rgb'][0], whole['rgb'], rtol=0, atol=2 ** -11)
+
+
+def test_device_memory_check_refuses_what_does_not_fit(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (10 * 2 ** 30, 80 * 2 ** 30))
+    train.check_device_memory(torch.device('cuda'), 4 * 2 ** 30, 'views')  # under half of what is free
+    with pytest.raises(train.SetupError, match=r'views need 6.0 GiB on cuda, which has 10.0 of 80.0 GiB free'):
+        train.check_device_memory(torch.device('cuda'), 6 * 2 ** 30, 'views')
+    train.check_device_memory(torch.device('cpu'), 2 ** 50, 'views')  # host memory is not checked
+
+
+@pytest.mark.parametrize('sampler', ['loader', 'device'])
+def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, sampler):
     recipe = ('--rays_per_view', '12', '--latent_lr', '1e-3', '--lr_warmup_steps', '3', '--lr_schedule', 'cosine',
-              '--lr', '2e-4', '--batch_size_per_img_sidelength', '4,3', '--num_workers', '1', '--steps_til_image', '3')
+              '--lr', '2e-4', '--batch_size_per_img_sidelength', '4,3', '--num_workers', '1', '--steps_til_image', '3',
+              *(('--rays_on_device',) if sampler == 'device' else ()))
     full = tmp_path / 'full'
     assert train.main(tiny_args(tiny_dataset, full, *recipe)) == 0
     reference = load(checkpoints(full)[-1])
@@ -419,6 +460,10 @@ def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
     assert resumed['step'] == 8
     assert_same_state(resumed['model'], reference['model'])
 
+    if sampler == 'device':
+        with pytest.raises(SystemExit, match='--rays_on_device draws random rays: it needs --rays_per_view'):
+            train.main(tiny_args(tiny_dataset, tmp_path / 'no_rays', '--rays_on_device'))
+        return
     with pytest.raises(SystemExit, match='--rays_per_view: the U-Net renderer'):
         train.main(tiny_args(tiny_dataset, tmp_path / 'unet', '--rays_per_view', '8', '--use_unet_renderer',
                              '--img_sidelengths', '128,128'))
