@@ -118,6 +118,10 @@ def get_parser():
     g.add_argument('--fast', action='store_true', default=False,
                    help='The fast GPU path: --amp bf16 and --compile, TF32 matmuls, fused Adam. About 5x the '
                         'reference\'s throughput at a quarter of its memory (benchmarks/NOTES.md).')
+    g.add_argument('--no_cuda_graphs', action='store_true', default=False,
+                   help='With --compile on one CUDA device the compiled step is replayed as CUDA graphs (the CPU '
+                        'then launches one graph instead of hundreds of kernels); this turns that off. Never '
+                        'used under torchrun.')
     g.add_argument('--kernels', choices=('torch', 'triton'), default='torch',
                    help='phi under --amp bf16 / --fast: PyTorch layers (default), or the fused Triton kernels of '
                         'kernels.py (experimental: not yet faster, see benchmarks/NOTES.md).')
@@ -536,7 +540,7 @@ IGNORED_ON_RESUME = ('config_filepath', 'logging_root', 'device', 'num_workers',
                      'start_step', 'steps_til_ckpt', 'steps_til_val', 'steps_til_log', 'steps_til_image',
                      'steps_til_embedding', 'generate_shepard_metzler', 'no_validation', 'val_root',
                      'max_num_instances_val', 'max_num_observations_val', 'fast', 'amp', 'compile',
-                     'kernels', 'save_at_minutes')
+                     'kernels', 'save_at_minutes', 'no_cuda_graphs')
 
 
 def resume_changes(stored, opt, path):
@@ -827,10 +831,14 @@ def train(opt):
         writer = SummaryWriter(str(logging_root), flush_secs=30)
 
     train_model = model
+    # CUDA graphs: the outputs of a replay live in memory the next replay overwrites, so each step is marked
+    # as a new one and everything read off a step's outputs (scalars, images) is computed before the next.
+    cuda_graphs = opt.compile and not opt.no_cuda_graphs and device.type == 'cuda' and world_size == 1
     if opt.compile:
         # The fused kernels save what their backward needs; with a memory budget the compiler ran their whole
         # forward again in the backward (benchmarks/NOTES.md).
-        train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels else 0.5)
+        train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels else 0.5,
+                                         mode='reduce-overhead' if cuda_graphs else None)
     if world_size > 1:
         # has_params leaves the latent table without gradients: DDP must not wait for them
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -945,7 +953,10 @@ def train(opt):
 
     loop_start = time.perf_counter()
     save_at_minutes = [m for m in save_at_minutes if m * 60 > elapsed_before]  # not again after resuming
-    time_fraction, out_of_time = 0., False  # of --max_minutes; updated on log steps, the same on every rank
+    # The fraction of --max_minutes passed: updated on log steps, the same on every rank; a resumed run starts
+    # from the checkpoint's clock, so its learning rate continues the decay instead of jumping back to the peak.
+    time_fraction = elapsed_before / (60 * opt.max_minutes) if opt.max_minutes else 0.
+    out_of_time = time_fraction >= 1
     try:
         while step < total_steps and not out_of_time:
             if loader_iter is None:
@@ -987,6 +998,8 @@ def train(opt):
             if scheduled_lr:
                 set_learning_rates(optimizer, learning_rate_factor(step, total_steps, opt.lr_warmup_steps,
                                                                    opt.lr_schedule, opt.lr_min_ratio, time_fraction))
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
             buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
             buffered_steps.append(step)

@@ -498,3 +498,13 @@ def test_max_minutes_stops_with_a_final_checkpoint_and_the_decay_follows_the_clo
     assert train.learning_rate_factor(2, 100000, 0, 'cosine', 0.25, time_fraction=5.0) == 0.25
     assert abs(state['optimizer']['param_groups'][0]['lr'] - 5e-5 * train.learning_rate_factor(
         1, 100000, 0, 'cosine', 0.25)) < 1e-15  # step 1 ran before the first clock reading
+
+    # Resumed with a budget the clock has all but spent: the decay goes on from the checkpoint's clock (it used to
+    # restart from step count alone, i.e. at the peak, until the first log step)
+    minutes = state['elapsed_seconds'] / 60 * 1.0001
+    args[args.index('--max_minutes') + 1] = repr(minutes)
+    assert train.main(args) == 0
+    state = load(checkpoints(tmp_path)[-1])
+    assert state['step'] == 4
+    factor = train.learning_rate_factor(3, 100000, 0, 'cosine', 0.25, time_fraction=1 / 1.0001)
+    assert factor < 0.2501 and abs(state['optimizer']['param_groups'][0]['lr'] - 5e-5 * factor) < 1e-15
