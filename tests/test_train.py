@@ -471,6 +471,25 @@ def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, 
         train.main(tiny_args(tiny_dataset, full, *recipe[:2], '--max_steps_per_img_sidelength', '4,6'))
 
 
+def test_a_schedule_that_jumps_up_on_resuming_is_ramped(tiny_dataset, tmp_path, capsys):
+    recipe = ('--img_sidelengths', '8', '--batch_size_per_img_sidelength', '2', '--lr_schedule', 'cosine',
+              '--lr_warmup_steps', '2', '--lr', '1e-3', '--no_validation', '--steps_til_ckpt', '1')
+    assert train.main(tiny_args(tiny_dataset, tmp_path, *recipe, '--max_steps_per_img_sidelength', '8')) == 0
+    last = load(checkpoints(tmp_path)[-1])
+    assert last['lr_factor'] == train.learning_rate_factor(7, 8, 2, 'cosine', 0.1)  # what step 7 trained with
+    # four times as many steps: the decay is back near its start, 6.5x the rate of step 7, reached over 2 steps
+    assert train.main(tiny_args(tiny_dataset, tmp_path, *recipe, '--max_steps_per_img_sidelength', '32')) == 0
+    assert 'now asks for 6.5x the rate this run last trained with: ramping up to it over 2 steps' in \
+        capsys.readouterr().out
+    factors = {int(path.stem[-6:]): load(path)['lr_factor'] for path in checkpoints(tmp_path)}
+    start, target = last['lr_factor'], train.learning_rate_factor(8, 32, 2, 'cosine', 0.1)
+    assert abs(factors[9] - (start + (target - start) / 2)) < 1e-12  # step 8: half way
+    for step in (9, 10, 20):  # then the schedule itself
+        assert factors[step + 1] == train.learning_rate_factor(step, 32, 2, 'cosine', 0.1)
+    state = load(checkpoints(tmp_path)[-1])
+    assert state['optimizer']['param_groups'][0]['lr'] == 1e-3 * factors[32]
+
+
 def test_save_at_minutes_writes_a_checkpoint_as_the_clock_passes_each(tiny_dataset, tmp_path, capsys):
     args = tiny_args(tiny_dataset, tmp_path, '--max_steps_per_img_sidelength', '6,0', '--no_validation',
                      '--save_at_minutes', '0.00001,0.00002,1000')
