@@ -485,9 +485,20 @@ class DeviceRays:
                                              num_workers=self.num_workers, collate_fn=collate_fn,
                                              worker_init_fn=self.worker_init_fn if self.num_workers else None,
                                              generator=torch.Generator())  # leaves the global RNG untouched
-        rgb = pose = intrinsics = instance_idx = param = None
+        batches = iter(loader)
+        try:
+            self.tensors = self._stack(batches)
+        finally:  # also on a corrupt image: workers that ignore SIGTERM would otherwise hang the exit
+            shutdown = getattr(batches, '_shutdown_workers', None)
+            if shutdown is not None:
+                shutdown()
+        self.sidelength = new_img_sidelength
+
+    def _stack(self, batches):
+        """The loader's batches of whole observations, stacked into one tensor per field on the device."""
+        rgb = pose = intrinsics = instance_idx = param = uv = None
         start = 0
-        for observations, _ in loader:
+        for observations, _ in batches:
             batch = len(observations['rgb'])
             if rgb is None:
                 num_views, (num_pixels, _) = len(self.dataset), observations['rgb'].shape[1:]
@@ -503,9 +514,8 @@ class DeviceRays:
             instance_idx[start:start + batch] = observations['instance_idx'].to(self.device)
             param[start:start + batch] = observations['param'].to(self.device)
             start += batch
-        self.sidelength = new_img_sidelength
-        self.tensors = {'rgb': rgb, 'pose': pose, 'intrinsics': intrinsics, 'instance_idx': instance_idx,
-                        'param': param, 'uv': uv}
+        return {'rgb': rgb, 'pose': pose, 'intrinsics': intrinsics, 'instance_idx': instance_idx, 'param': param,
+                'uv': uv}
 
     def batch(self, keys, first_key):
         """One batch: (observation dict, ground-truth dict) on the device.

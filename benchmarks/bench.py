@@ -12,14 +12,17 @@ Variants:
   exact_tf32  float32 storage with TF32 matrix units
   bf16        bfloat16 autocast, eager
   compile     float32 with torch.compile
-  fast        bfloat16 autocast + torch.compile recomputing activations (memory budget 0.5) + TF32 +
-              fused Adam: train.py's --fast
-  fast_nobudget    fast without activation recomputation
-  fast_cudagraphs  fast, compiled with CUDA graphs (mode='reduce-overhead')
+  fast        bfloat16 autocast + torch.compile recomputing activations (memory budget 0.5) + CUDA graphs + TF32 +
+              fused Adam: train.py's --fast on one GPU
+  fast_nographs    fast without CUDA graphs: train.py --fast --no_cuda_graphs (and --fast under torchrun)
+  fast_nobudget    fast_nographs without activation recomputation
   fused       fast with phi on the fused Triton kernels (kernels.py), no recomputation: train.py --fast
-  fused_budget05   fused with the compiler's activation recomputation (memory budget 0.5)
-  fused_cudagraphs fused, compiled with CUDA graphs
+              --kernels triton
+  fused_nographs   fused without CUDA graphs
+  fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
+(Results in benchmarks/NOTES.md from before CUDA graphs joined --fast call today's fast_nographs "fast", and
+today's fast "fast_cudagraphs"; likewise fused.)
 """
 import argparse
 import json
@@ -40,19 +43,18 @@ import util  # noqa: E402
 # name: (side length, views per batch, rays per view or None for whole images)
 SETTINGS = {'64px_b64': (64, 64, None), '128px_b16': (128, 16, None),
             'rays_64px_b128x512': (64, 128, 512)}  # the fast recipe (train_configs/shepard_metzler_fast.yml)
+GRAPHS = 'reduce-overhead'  # torch.compile's mode for CUDA graphs
 VARIANTS = {
     'exact': dict(amp=None, compile=False, tf32=False),
     'exact_tf32': dict(amp=None, compile=False, tf32=True),
     'bf16': dict(amp=torch.bfloat16, compile=False, tf32=True),
     'compile': dict(amp=None, compile=True, tf32=False),
+    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS),
+    'fast_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
     'fast_nobudget': dict(amp=torch.bfloat16, compile=True, tf32=True),
-    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
-    'fast_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
-                            memory_budget=0.5),
-    'fused': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
+    'fused': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True, compile_mode=GRAPHS),
+    'fused_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
     'fused_budget05': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused=True),
-    'fused_cudagraphs': dict(amp=torch.bfloat16, compile=True, tf32=True, compile_mode='reduce-overhead',
-                             memory_budget=1.0, fused=True),
     'fused_eager': dict(amp=torch.bfloat16, compile=False, tf32=True, fused=True),
 }
 
@@ -111,10 +113,16 @@ def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=Non
 
     loss_weights = {'l1_weight': 200., 'reg_weight': 1e-3, 'kl_weight': 1.}
 
+    graphs = options.get('compile_mode') == GRAPHS
+
     def train_step():  # exactly train.py's step
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         return train.train_step(forward, optimizer, model_input, {'rgb': target}, loss_weights, amp_dtype=amp)
 
     def render():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
             return forward(model_input)
 

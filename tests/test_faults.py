@@ -172,6 +172,19 @@ def test_a_corrupt_image_found_mid_run_stops_in_one_line_and_keeps_the_state(tin
     assert load(saved)['step'] == step and str(saved) in last
 
 
+def test_a_corrupt_image_stops_rays_on_device_in_one_line_before_training(tiny_dataset, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_dataset / 'train', data)
+    image = sorted((data / sorted(os.listdir(data))[2] / 'rgb').iterdir())[1]
+    image.write_bytes(image.read_bytes()[:60])  # the header is intact: the dataset opens
+    logging_root = tmp_path / 'logs'
+    args = tiny_args(tiny_dataset, logging_root, '--data_root', data, '--max_steps_per_img_sidelength', '8,0',
+                     '--rays_per_view', '10', '--rays_on_device', '--no_validation', '--num_workers', '1')
+    result = run_script('train.py', *args)
+    assert_one_line_error(result, str(image), 'reading the training views for --rays_on_device at step 0')
+    assert checkpoints(logging_root) == []
+
+
 # --- 5. A full disk, a read-only output folder ------------------------------------------------------------
 
 def in_mount_namespace(script):
