@@ -15,8 +15,8 @@ Beyond the reference (SPEC section 8):
 - SIGINT/SIGTERM finish the current step, write a checkpoint and exit (130/143);
 - a non-finite loss stops the run with a message and never reaches a checkpoint;
 - multi-GPU with ``torchrun`` (DistributedDataParallel; rank 0 alone logs and writes);
-- switches for bf16 autocast (``--amp bf16``) and ``torch.compile`` (``--compile``); the default is the
-  reference's fp32 path;
+- switches for bf16 autocast (``--amp bf16``) and ``torch.compile`` (``--compile``, replayed as CUDA graphs on
+  one GPU); the default is the reference's fp32 path;
 - ``--generate_shepard_metzler`` builds the Shepard-Metzler dataset on first use (the demo config).
 
 Host synchronisation happens only every ``--steps_til_log`` steps (scalars are buffered on the device and
@@ -116,8 +116,9 @@ def get_parser():
     g.add_argument('--compile', action='store_true', default=False,
                    help='torch.compile the model, recomputing activations in the backward pass to halve memory.')
     g.add_argument('--fast', action='store_true', default=False,
-                   help='The fast GPU path: --amp bf16 and --compile, TF32 matmuls, fused Adam. About 5x the '
-                        'reference\'s throughput at a quarter of its memory (benchmarks/NOTES.md).')
+                   help='The fast GPU path: --amp bf16 and --compile (with CUDA graphs on one GPU), TF32 matmuls, '
+                        'fused Adam. About 5x the reference\'s throughput at a quarter of its memory '
+                        '(benchmarks/NOTES.md).')
     g.add_argument('--no_cuda_graphs', action='store_true', default=False,
                    help='With --compile on one CUDA device the compiled step is replayed as CUDA graphs (the CPU '
                         'then launches one graph instead of hundreds of kernels); this turns that off. Never '
