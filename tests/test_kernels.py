@@ -8,7 +8,13 @@ Tolerances:
 - float32 kernels (IEEE products) against the float32 PyTorch path: outputs and every gradient within 1e-5
   relative L2 error, i.e. the same function up to summation order.
 - mixed precision: the kernels' relative error against float32 stays within 1.5x the PyTorch mixed-precision
-  path's own error (+1e-3). bfloat16 on the GPU; float16 in the interpreter, whose bfloat16 products are wrong.
+  path's own error (+1e-3), for phi's output and for each gradient the kernels compute (points, codes, and each of
+  phi's weights and biases); the hypernetwork's own parameter gradients, which follow from those, count as one
+  vector. Singly, its small LayerNorm parameters (16 values) carry 5-20% bfloat16 error in either path, and which
+  path is worse on one of them is chance: a CPU emulation of these kernels with every activation and gradient
+  they store kept in float32 (more accurate than either path) still showed up to 2.3x the PyTorch path's error on
+  single ones, while phi's weight gradients agreed with it to +-5% (benchmarks/NOTES.md). bfloat16 on the GPU;
+  float16 in the interpreter, whose bfloat16 products are wrong.
 """
 import pytest
 import torch
@@ -29,15 +35,22 @@ def relative_error(value, reference):
 
 
 def phi_outputs_and_grads(hyper, z, x, grad_v, fused, amp_dtype=None, direct=False):
-    """phi(x) for codes z and the gradients of <phi(x), grad_v> for x, z and the hypernetwork's parameters."""
+    """phi(x) for codes z and the gradients of <phi(x), grad_v>, by name: ``v``; ``x`` and ``z``; ``phi.<i>.weight``
+    and ``phi.<i>.bias``, those of phi's layers (what the kernels compute); ``hyper.<name>``, the hypernetwork's."""
     hyper.fused_kernels = fused
     hyper.zero_grad(set_to_none=True)
     z, x = z.detach().requires_grad_(), x.detach().requires_grad_()
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         phi = hyper(z)
+        for weights, biases, _ in phi.layers:
+            weights.retain_grad(), biases.retain_grad()
         v = kernels.phi(x, phi.layers) if direct else phi(x)
     (v.float() * grad_v).sum().backward()
-    return [v.detach(), x.grad, z.grad] + [p.grad for p in hyper.parameters()]
+    values = {'v': v.detach(), 'x': x.grad, 'z': z.grad}
+    for i, (weights, biases, _) in enumerate(phi.layers):
+        values[f'phi.{i}.weight'], values[f'phi.{i}.bias'] = weights.grad, biases.grad
+    values.update({f'hyper.{name}': param.grad for name, param in hyper.named_parameters()})
+    return values
 
 
 def make_phi(channels=kernels.MIN_CHANNELS, outermost_linear=False, batch_size=3, num_points=300, seed=0):
@@ -61,8 +74,9 @@ def test_float32_kernels_equal_the_pytorch_path(outermost_linear):
     util.set_tf32(False)
     exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
     fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
-    for value, reference in zip(fused, exact):
-        assert relative_error(value, reference) < 1e-5
+    assert fused.keys() == exact.keys()
+    for name, reference in exact.items():
+        assert relative_error(fused[name], reference) < 1e-5, name
 
 
 @requires_kernels
@@ -72,11 +86,15 @@ def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch():
     exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
     pytorch = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, amp_dtype=HALF)
     fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=True, amp_dtype=HALF)
-    assert fused[0].dtype == HALF
-    for name, value, baseline, reference in zip(['v', 'x', 'z'] + [n for n, _ in hyper.named_parameters()],
-                                                fused, pytorch, exact):
-        allowed = 1.5 * relative_error(baseline, reference) + 1e-3
-        assert relative_error(value, reference) <= allowed, name
+    assert fused['v'].dtype == HALF
+
+    def compared(values):  # what the kernels compute, one by one; the hypernetwork's gradients as one vector
+        hyper_grads = torch.cat([value.float().flatten() for name, value in values.items() if name.startswith('hyper.')])
+        return {**{name: value for name, value in values.items() if not name.startswith('hyper.')}, 'hyper': hyper_grads}
+    exact, pytorch, fused = compared(exact), compared(pytorch), compared(fused)
+    for name, reference in exact.items():
+        allowed = 1.5 * relative_error(pytorch[name], reference) + 1e-3
+        assert relative_error(fused[name], reference) <= allowed, name
 
 
 @requires_kernels
@@ -87,8 +105,8 @@ def test_odd_sizes_and_a_single_point():
         util.set_tf32(False)
         exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
         fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
-        for value, reference in zip(fused, exact):
-            assert relative_error(value, reference) < 1e-5, (batch_size, num_points)
+        for name, reference in exact.items():
+            assert relative_error(fused[name], reference) < 1e-5, (name, batch_size, num_points)
 
 
 @pytest.mark.skipif(DEVICE != 'cuda' or not kernels.available(), reason="needs a CUDA GPU and Triton")
@@ -141,8 +159,9 @@ def test_without_the_kernels_the_switch_falls_back_to_pytorch():
     assert not kernels.supports(x, hyper(z).layers)
     plain = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, amp_dtype=torch.bfloat16)
     switched = phi_outputs_and_grads(hyper, z, x, grad_v, fused=True, amp_dtype=torch.bfloat16)
-    for value, reference in zip(switched, plain):
-        assert torch.equal(value, reference)
+    assert switched.keys() == plain.keys()
+    for name, reference in plain.items():
+        assert torch.equal(switched[name], reference), name
 
 
 def test_supports_only_phis_layout():
