@@ -136,7 +136,9 @@ class Raymarcher(nn.Module):
         with torch.autocast(uv.device.type, enabled=False):
             ray_dirs = geometry.get_ray_directions(uv, cam2world=cam2world, intrinsics=intrinsics)  # (B, N, 3)
             # The reference inverts cam2world at every step; it is the same each time, so once suffices.
-            world2cam = torch.inverse(cam2world)
+            # inv_ex: torch.inverse's values without its error check, an effectful op that keeps torch.compile
+            # from caching the compiled forward (the datasets refuse singular poses when they are opened).
+            world2cam = torch.linalg.inv_ex(cam2world).inverse
             depth = self.initial_depth(batch_size, num_samples, like=ray_dirs)
             world_coords = geometry.world_from_xy_depth(uv, depth, cam2world=cam2world, intrinsics=intrinsics)
         state = None

@@ -106,7 +106,7 @@ def depth_from_world(world_coords, cam2world, world2cam=None):
     :return: (B, N, 1)
     """
     if world2cam is None:
-        world2cam = torch.inverse(cam2world)
+        world2cam = torch.linalg.inv_ex(cam2world).inverse  # torch.inverse's values; compiles cacheably
     # Only the z row of world2cam is needed; elementwise, so it stays float32 under autocast.
     z_row = world2cam[:, None, 2, :]  # (B, 1, 4)
     return (world_coords * z_row[..., :3]).sum(dim=-1, keepdim=True) + z_row[..., 3:]
