@@ -440,6 +440,18 @@ class RandomRays(Dataset):
         return observations, ground_truths
 
 
+def shutdown_workers(loader_iter):
+    """Stop a DataLoader iterator's worker processes now, as its destructor would.
+
+    train.py's workers ignore SIGTERM (``train.ignore_interrupts``), so they must be told to exit through their
+    queues: if an exception kept the iterator alive until interpreter exit, multiprocessing's exit handler would
+    send them SIGTERM and wait for them forever.
+    """
+    shutdown = getattr(loader_iter, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
+
+
 class DeviceRays:
     """``RandomRays`` batches drawn on the training device from the whole dataset held there.
 
@@ -467,7 +479,7 @@ class DeviceRays:
             raise ValueError(f"rays_per_view must be >= 1, got {rays_per_view}")
         self.dataset, self.rays_per_view, self.seed = dataset, rays_per_view, seed
         self.device, self.num_workers, self.worker_init_fn = torch.device(device), num_workers, worker_init_fn
-        self.sidelength, self.tensors = None, None
+        self.tensors = None
 
     def __len__(self):
         return len(self.dataset)
@@ -489,33 +501,24 @@ class DeviceRays:
         try:
             self.tensors = self._stack(batches)
         finally:  # also on a corrupt image: workers that ignore SIGTERM would otherwise hang the exit
-            shutdown = getattr(batches, '_shutdown_workers', None)
-            if shutdown is not None:
-                shutdown()
-        self.sidelength = new_img_sidelength
+            shutdown_workers(batches)
 
     def _stack(self, batches):
-        """The loader's batches of whole observations, stacked into one tensor per field on the device."""
-        rgb = pose = intrinsics = instance_idx = param = uv = None
-        start = 0
+        """The loader's batches of whole observations, stacked into one tensor per field on the device: (V, ...)
+        for every field of a sample but ``uv``, which is the same (P, 2) grid for every view; images in float16."""
+        tensors, start = None, 0
         for observations, _ in batches:
-            batch = len(observations['rgb'])
-            if rgb is None:
-                num_views, (num_pixels, _) = len(self.dataset), observations['rgb'].shape[1:]
-                rgb = torch.empty(num_views, num_pixels, 3, dtype=torch.float16, device=self.device)
-                pose = torch.empty(num_views, 4, 4, device=self.device)
-                intrinsics = torch.empty(num_views, 4, 4, device=self.device)
-                instance_idx = torch.empty(num_views, device=self.device)
-                param = torch.empty(num_views, *observations['param'].shape[1:], device=self.device)
-                uv = observations['uv'][0].to(self.device)  # (P, 2): the same grid for every view
-            rgb[start:start + batch] = observations['rgb'].to(self.device)
-            pose[start:start + batch] = observations['pose'].to(self.device)
-            intrinsics[start:start + batch] = observations['intrinsics'].to(self.device)
-            instance_idx[start:start + batch] = observations['instance_idx'].to(self.device)
-            param[start:start + batch] = observations['param'].to(self.device)
-            start += batch
-        return {'rgb': rgb, 'pose': pose, 'intrinsics': intrinsics, 'instance_idx': instance_idx, 'param': param,
-                'uv': uv}
+            if tensors is None:
+                tensors = {key: torch.empty(len(self.dataset), *observations[key].shape[1:], device=self.device,
+                                            dtype=torch.float16 if key == 'rgb' else observations[key].dtype)
+                           for key in ('rgb', 'pose', 'intrinsics', 'instance_idx', 'param')}
+                tensors['uv'] = observations['uv'][0].to(self.device)
+            end = start + len(observations['rgb'])
+            for key, stacked in tensors.items():
+                if key != 'uv':
+                    stacked[start:end] = observations[key].to(self.device)
+            start = end
+        return tensors
 
     def batch(self, keys, first_key):
         """One batch: (observation dict, ground-truth dict) on the device.
@@ -526,10 +529,10 @@ class DeviceRays:
         t = self.tensors
         views = keys % len(self)  # (B,)
         num_pixels = t['rgb'].shape[1]
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + int(first_key))
         if self.rays_per_view >= num_pixels:
             pixels = torch.arange(num_pixels, device=self.device).expand(len(keys), -1)  # (B, P)
         else:  # N distinct pixels per view: the N largest of P uniform scores
+            generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + int(first_key))
             scores = torch.rand(len(keys), num_pixels, generator=generator, device=self.device)
             pixels = scores.topk(self.rays_per_view, dim=1, sorted=False).indices.sort(dim=1).values  # (B, N)
         rgb = t['rgb'][views[:, None], pixels].float()  # (B, N, 3)

@@ -25,7 +25,6 @@ written per step in one transfer), on image/validation steps and at checkpoints.
 Usage: ``python train.py -c train_configs/demo.yml``; several GPUs:
 ``torchrun --nproc_per_node=4 train.py -c train_configs/cars.yml`` (the batch sizes are per GPU).
 """
-import functools
 import math
 import os
 import pathlib
@@ -306,18 +305,6 @@ def ignore_interrupts(worker_id):
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def shutdown_workers(loader_iter):
-    """Stop a DataLoader iterator's worker processes now, as its destructor would.
-
-    The workers ignore SIGTERM (``ignore_interrupts``), so they must be told to exit through their queues:
-    if an exception kept the iterator alive until interpreter exit, multiprocessing's exit handler would
-    send them SIGTERM and wait for them forever.
-    """
-    shutdown = getattr(loader_iter, '_shutdown_workers', None)
-    if shutdown is not None:
-        shutdown()
 
 
 def to_device(batch, device):
@@ -1000,7 +987,6 @@ def train(opt):
                         except (ValueError, OSError) as error:
                             raise SetupError(f"{data_error_message(error)} (reading the training views for "
                                              f"--rays_on_device at step {step})") from None
-                        loader = functools.partial(device_rays.batches, sampler, batch_sizes[stage])
                     else:
                         train_dataset.set_img_sidelength(sidelengths[stage])
                         loader = DataLoader(train_items, batch_size=batch_sizes[stage], sampler=sampler,
@@ -1011,7 +997,8 @@ def train(opt):
                         progress.write(f"Stage {stage}: {sidelengths[stage]} px, batch {batch_sizes[stage]}"
                                        f"{' per process' if world_size > 1 else ''}, steps {step}..{stage_end}")
                 sampler.set_epoch(epoch, epoch_step)
-                loader_iter = loader() if device_rays is not None else iter(loader)
+                loader_iter = (device_rays.batches(sampler, batch_sizes[stage]) if device_rays is not None
+                               else iter(loader))
 
             try:
                 model_input, ground_truth = next(loader_iter)
@@ -1109,7 +1096,7 @@ def train(opt):
             progress.close()
         if writer is not None:
             writer.close()
-        shutdown_workers(loader_iter)
+        dataio.shutdown_workers(loader_iter)
         loader_iter = loader = None
         if world_size > 1 and dist.is_initialized():
             # DDP holds the process group: release it first, or its threads may still run at exit (abort).

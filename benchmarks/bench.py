@@ -1,9 +1,9 @@
 """Training and rendering throughput of the cars-size SRN on one GPU: the exact path against the fast path.
 
 For each setting (64 px x batch 64 and 128 px x batch 16, the two stages of the paper's cars schedule; and
-the fast recipe's 128 views x 512 random rays at 64 px) and each variant, it times a full training step (forward, losses, backward, Adam) and a rendering pass
-without gradients, with CUDA events, as the median over repeated runs after warm-up, and records the peak
-GPU memory of training. Prints a table and writes JSON.
+the fast recipe's 128 views x 512 random rays at 64 px) and each variant, it times a full training step
+(forward, losses, backward, Adam) and a rendering pass without gradients, with CUDA events, as the median
+over repeated runs after warm-up, and records the peak GPU memory of training. Prints a table and writes JSON.
 
     python benchmarks/bench.py --variants exact,fast --out bench.json
 
@@ -21,8 +21,8 @@ Variants:
   fused_nographs   fused without CUDA graphs
   fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
-(Results in benchmarks/NOTES.md from before CUDA graphs joined --fast call today's fast_nographs "fast", and
-today's fast "fast_cudagraphs"; likewise fused.)
+(Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
+"fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
 import argparse
 import json
@@ -203,7 +203,8 @@ def compare_paths(sidelength, batch_size):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', default='exact,fast')
-    parser.add_argument('--settings', default='64px_b64,128px_b16', help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument('--settings', default='64px_b64,128px_b16',
+                        help=f"comma-separated, of {', '.join(SETTINGS)}")
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--out', default='bench.json')

@@ -62,7 +62,8 @@ def make_emulated_phi(keep):
                     break
                 dpre = store('dpre', dpre)
                 dw = dpre.transpose(-1, -2) @ bf16(torch.relu(xhats[i - 1]))
-                grads = [store('dw', dw).to(weights[i].dtype), store('dw', dpre.sum(1, keepdim=True)).to(weights[i].dtype)] + grads
+                db = dpre.sum(1, keepdim=True)
+                grads = [store('dw', dw).to(weights[i].dtype), store('dw', db).to(weights[i].dtype)] + grads
                 grad = store('dx', dpre @ bf16(weights[i]))
             grads[0], grads[1] = grads[0].to(weights[0].dtype), grads[1].to(weights[0].dtype)
             return (None, *grads)
@@ -106,9 +107,11 @@ def main(argv=None):
         z, x, grad_v = torch.randn(3, 16), torch.randn(3, 2000, 3), torch.randn(3, 2000, 256)
         exact, pytorch, emulated = (gradients(hyper, z, x, grad_v, path, emulated_phi)
                                     for path in ('float32', 'pytorch', 'emulated'))
-        errors = {name: (relative_error(emulated[name], e), relative_error(pytorch[name], e)) for name, e in exact.items()}
+        errors = {name: (relative_error(emulated[name], e), relative_error(pytorch[name], e))
+                  for name, e in exact.items()}
         phi = ' '.join(f'{a:.3f}/{b:.3f}' for name, (a, b) in errors.items() if name.startswith('phi.'))
-        name, (a, b) = max(((n, ab) for n, ab in errors.items() if n.startswith('hyper.')), key=lambda i: i[1][0] / i[1][1])
+        name, (a, b) = max(((n, ab) for n, ab in errors.items() if n.startswith('hyper.')),
+                           key=lambda item: item[1][0] / item[1][1])
         print(f"seed {seed}: phi's weight/bias gradients, emulated/pytorch error: {phi}\n"
               f"        hypernetwork parameter with the largest ratio: {name} {a:.3f}/{b:.3f} ({a / b:.2f}x)")
 

@@ -89,8 +89,9 @@ def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch():
     assert fused['v'].dtype == HALF
 
     def compared(values):  # what the kernels compute, one by one; the hypernetwork's gradients as one vector
-        hyper_grads = torch.cat([value.float().flatten() for name, value in values.items() if name.startswith('hyper.')])
-        return {**{name: value for name, value in values.items() if not name.startswith('hyper.')}, 'hyper': hyper_grads}
+        own = {name: value for name, value in values.items() if not name.startswith('hyper.')}
+        hyper_grads = [value.float().flatten() for name, value in values.items() if name.startswith('hyper.')]
+        return {**own, 'hyper': torch.cat(hyper_grads)}
     exact, pytorch, fused = compared(exact), compared(pytorch), compared(fused)
     for name, reference in exact.items():
         allowed = 1.5 * relative_error(pytorch[name], reference) + 1e-3
