@@ -411,4 +411,28 @@ def compile_model(model, activation_memory_budget=0.5, mode=None):
     """
     import torch._functorch.config as functorch_config
     functorch_config.activation_memory_budget = activation_memory_budget
+    allow_compile_cache()
     return torch.compile(model, mode=mode)
+
+
+# The two autocast calls the model's float32 regions (geometry, the step length, phi's input layer) trace to.
+AUTOCAST_CALLS = ('torch.amp.autocast_mode._enter_autocast', 'torch.amp.autocast_mode._exit_autocast')
+
+
+def allow_compile_cache():
+    """Let torch.compile's on-disk cache hold the whole compiled training step, so a second start skips tracing.
+
+    Out of the box AOT autograd's cache passes over graphs that call functions outside its allowlist, and the
+    SRN step has two kinds: the ``torch.autocast(enabled=False)`` regions that keep geometry in float32 under
+    bf16, and ``custom_layers.ClampGrad`` (a custom autograd function). Both are pure, and the graph that holds
+    them, arguments and backward body included, is the cache key, so they are marked cacheable. Measured on the
+    CPU (full-size model, second start): first step 23.8 -> 7.7 s. Process-wide; a no-op on PyTorch versions
+    without these settings.
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    if hasattr(functorch_config, 'autograd_cache_allow_custom_autograd_functions'):
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    if hasattr(inductor_config, 'unsafe_marked_cacheable_functions'):
+        inductor_config.unsafe_marked_cacheable_functions = {
+            **inductor_config.unsafe_marked_cacheable_functions, **{name: torch.__version__ for name in AUTOCAST_CALLS}}
