@@ -961,6 +961,12 @@ def train(opt):
     lr_factor, lr_ramp = resume_lr_factor if resume_lr_factor is not None else 1.0, None
     ramp_steps = opt.lr_warmup_steps or 100
     save_at_minutes = [m for m in save_at_minutes if m * 60 > elapsed_before]  # not again after resuming
+    saved_at_end = None  # (minutes, step, minutes now) of --save_at_minutes times the final checkpoint serves
+
+    def report_saved_at(passed, at_step, minutes_now):
+        for minutes in passed if is_main else ():  # one line each: scripts look them up
+            progress.write(f"--save_at_minutes {minutes:g}: {last_checkpoint} at step {at_step}, "
+                           f"{minutes_now:.2f} min")
     # The fraction of --max_minutes passed: updated on log steps, the same on every rank; a resumed run starts
     # from the checkpoint's clock, so its learning rate continues the decay instead of jumping back to the peak.
     time_fraction = elapsed_before / (60 * opt.max_minutes) if opt.max_minutes else 0.
@@ -1064,9 +1070,9 @@ def train(opt):
                     save_at_minutes = [m for m in save_at_minutes if m > minutes_now]
                     if passed and step < total_steps and not out_of_time:
                         last_checkpoint = save(step)
-                        for minutes in passed if is_main else ():  # one line each: scripts look them up
-                            progress.write(f"--save_at_minutes {minutes:g}: {last_checkpoint} at step {step}, "
-                                           f"{minutes_now:.2f} min")
+                        report_saved_at(passed, step, minutes_now)
+                    elif passed:  # this is the last step: the final checkpoint, written below, serves them
+                        saved_at_end = passed, step, minutes_now
                 if any_rank(stop.signum is not None, device, world_size):
                     last_checkpoint = save(step)
                     exit_code = SIGNAL_EXIT_CODES.get(stop.signum, 143)
@@ -1090,6 +1096,8 @@ def train(opt):
                 budget = f" (the --max_minutes {opt.max_minutes:g} budget)" if out_of_time else ''
                 progress.write(f"Done: {step} steps in {minutes}:{seconds:02d}{budget}{quality}; "
                                f"final checkpoint {last_checkpoint}")
+                if saved_at_end:
+                    report_saved_at(*saved_at_end)
     finally:
         stop.restore()
         if progress is not None:

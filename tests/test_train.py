@@ -499,6 +499,15 @@ def test_save_at_minutes_writes_a_checkpoint_as_the_clock_passes_each(tiny_datas
     assert load(checkpoints(tmp_path)[0])['elapsed_seconds'] >= 0.0012
     out = capsys.readouterr().out
     assert '--save_at_minutes 1e-05: ' in out and '--save_at_minutes 2e-05: ' in out and 'at step 2' in out
+    # A time the clock passes only at the run's last step (--max_minutes): the final checkpoint serves it, and
+    # its line names that checkpoint (scripts read the checkpoint of each time off these lines).
+    end = tmp_path / 'end'
+    assert train.main(tiny_args(tiny_dataset, end, '--max_steps_per_img_sidelength', '100000,0', '--no_validation',
+                                '--max_minutes', '0.00002', '--save_at_minutes', '0.00001')) == 0
+    final = checkpoints(end)
+    assert len(final) == 1
+    out = capsys.readouterr().out
+    assert f'--save_at_minutes 1e-05: {final[0]} at step {load(final[0])["step"]}, ' in out
     for bad in ('0,1', 'soon'):
         with pytest.raises(SystemExit, match='--save_at_minutes: expected'):
             train.main(tiny_args(tiny_dataset, tmp_path / bad, '--save_at_minutes', bad))
