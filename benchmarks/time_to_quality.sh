@@ -17,21 +17,30 @@
 #
 # Environment:
 #   TRAIN_FLAGS   replaces the flags both recipes add (default --fast), e.g. "--device cpu" for a trial without a GPU
-#   GPUS          e.g. "0 1": the seeds are shared out over these GPUs, one training at a time on each (default:
-#                 all runs one after the other on the visible device)
+#   GPUS          e.g. "0 1": the runs are shared out over these GPUs, one training at a time on each, each GPU
+#                 taking the next run not yet taken, longest first (default: all runs one after the other on the
+#                 visible device)
 #   FEWSHOT=N     also fit new codes to one view (view 5) and to two views (5 and 15) of 50 objects that no model
 #                 saw, N steps with the networks frozen (test.py --fit_steps), for each recipe's model of the
 #                 largest budget, and report the held-out PSNR of their other views (default 0: not done)
+#   FEWSHOT_SEEDS the seeds whose models are fitted so (default: the first of SEEDS)
 #   WARM_COMPILE  torch.compile keeps what it compiled in a cache on disk (/tmp/torchinductor_$USER), and a run
 #                 that finds it there starts training in about 20 s instead of 60-80. By default (1) each recipe
 #                 first runs untimed for a moment per object count, so the timed runs measure a machine that has
 #                 trained this model before, as a researcher's usually has; 0 leaves that out (then the first
-#                 timed run of each recipe pays the cold compilation, and the others do not)
+#                 timed run of each recipe pays the cold compilation, and the others do not). With GPUS the
+#                 recipes warm up side by side.
+#   TIME_LIMIT    seconds: take no run that would not end (its budget plus a minute for evaluation, plus two
+#                 for few-shot fitting) this long after the start; the runs left out are listed, and a later call
+#                 with the same arguments does them (default: no limit)
 set -u
+start_time=$(date +%s)
 OUT=${1:?usage: time_to_quality.sh OUT_DIR [OBJECTS] [SECONDS] [SEEDS] [RECIPES]}
 OBJECTS=${2:-50}; BUDGETS=${3:-60 150 300}; SEEDS=${4:-0}; RECIPES=${5:-reference fast}
 PYTHON=${PYTHON:-python3}
 FEWSHOT=${FEWSHOT:-0}
+read -r -a seed_list <<< "$SEEDS"
+FEWSHOT_SEEDS=${FEWSHOT_SEEDS:-${seed_list[0]}}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -45,7 +54,7 @@ evaluate() {  # evaluate RUN_NAME CHECKPOINT STEPS: held-out PSNR of one checkpo
 
 fewshot() {  # fewshot RUN_NAME CHECKPOINT: one- and two-shot fitting on the unseen objects, OUT_DIR/RUN_NAME_<k>shot_test
   local name=$1 checkpoint=$2 views shots
-  [ "$FEWSHOT" -gt 0 ] || return 0
+  [ "$FEWSHOT" -gt 0 ] && [[ " $FEWSHOT_SEEDS " == *" $seed "* ]] || return 0
   for views in 5 5,15; do
     shots=$(( $(echo "$views" | tr -cd , | wc -c) + 1 ))
     "$PYTHON" test.py --data_root "$unseen/test" --checkpoint_path "$checkpoint" --img_sidelength 64 \
@@ -72,43 +81,62 @@ config_of() { [ "$1" = fast ] && echo train_configs/shepard_metzler_fast.yml || 
 
 largest=$(printf '%s\n' $BUDGETS | sort -n | tail -1)
 
-run_seed() {  # run_seed SEED: every recipe and budget of one seed on the current device
-  local seed=$1 recipe budget run name pending smaller line checkpoint when minutes steps
-  for recipe in $RECIPES; do
-    if [ "$recipe" = reference ]; then
-      # A constant learning rate: the run for the largest budget, checkpointed as the clock passes each smaller
-      # one, gives what separate runs for those budgets would (same seed, same steps up to that moment).
-      run=$OUT/${objects}_reference_run_seed$seed
-      pending=0
-      for budget in $BUDGETS; do [ -f "$OUT/${objects}_reference_${budget}s_seed${seed}_test/metrics.json" ] || pending=1; done
-      [ $pending = 0 ] && continue
-      smaller=$(for budget in $BUDGETS; do [ "$budget" -lt "$largest" ] && "$PYTHON" -c "print($budget / 60)"; done | paste -sd,)
-      train "$run" "$(config_of reference)" "$largest" ${smaller:+--save_at_minutes "$smaller"}
-      for budget in $BUDGETS; do
-        if [ "$budget" = "$largest" ]; then
-          line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
-          checkpoint=${line##*final checkpoint } when="the end"
-        else
-          minutes=$("$PYTHON" -c "print(f'{$budget / 60:g}')")
-          line=$(grep -o -- "--save_at_minutes $minutes: .* at step [0-9]*, [0-9.]* min" "$run.log" | tail -1)
-          checkpoint=$(echo "$line" | sed -E 's/^--save_at_minutes [^:]*: (.*) at step [0-9]*, .*$/\1/')
-          when=${line##*, }
-        fi
-        steps=$(echo "$line" | grep -oE '(at step|Done:) [0-9]+' | grep -oE '[0-9]+$')
-        echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"), saved at $when)" \
-            > "$OUT/${objects}_reference_${budget}s_seed$seed.log"
-        evaluate "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}" "$steps"
-        [ "$budget" = "$largest" ] && fewshot "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}"
-      done
+run_job() {  # run_job SEED RECIPE SECONDS: one training run and its evaluations, on the current device
+  local seed=$1 recipe=$2 budget=$3 run name smaller line checkpoint when minutes steps
+  if [ "$recipe" = reference ]; then
+    # A constant learning rate: the run for the largest budget, checkpointed as the clock passes each smaller
+    # one, gives what separate runs for those budgets would (same seed, same steps up to that moment).
+    run=$OUT/${objects}_reference_run_seed$seed
+    smaller=$(for budget in $BUDGETS; do [ "$budget" -lt "$largest" ] && "$PYTHON" -c "print($budget / 60)"; done | paste -sd,)
+    train "$run" "$(config_of reference)" "$largest" ${smaller:+--save_at_minutes "$smaller"}
+    for budget in $BUDGETS; do
+      if [ "$budget" = "$largest" ]; then
+        line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
+        checkpoint=${line##*final checkpoint } when="the end"
+      else
+        minutes=$("$PYTHON" -c "print(f'{$budget / 60:g}')")
+        line=$(grep -o -- "--save_at_minutes $minutes: .* at step [0-9]*, [0-9.]* min" "$run.log" | tail -1)
+        checkpoint=$(echo "$line" | sed -E 's/^--save_at_minutes [^:]*: (.*) at step [0-9]*, .*$/\1/')
+        when=${line##*, }
+      fi
+      steps=$(echo "$line" | grep -oE '(at step|Done:) [0-9]+' | grep -oE '[0-9]+$')
+      echo "Done: $steps steps (the ${budget}-s point of $(basename "$run"), saved at $when)" \
+          > "$OUT/${objects}_reference_${budget}s_seed$seed.log"
+      evaluate "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}" "$steps"
+      [ "$budget" = "$largest" ] && fewshot "${objects}_reference_${budget}s_seed$seed" "${checkpoint:-$run/missing}"
+    done
+    return
+  fi
+  # A schedule that follows the budget (cosine decay): one run per budget.
+  name=${objects}_${recipe}_${budget}s_seed$seed
+  train "$OUT/$name" "$(config_of "$recipe")" "$budget"
+  evaluate "$name" "$OUT/$name/checkpoints" "$(grep -o 'Done: [0-9]* steps' "$OUT/$name.log" | tail -1 | grep -oE '[0-9]+')"
+  [ "$budget" = "$largest" ] && fewshot "$name" "$OUT/$name/checkpoints"
+}
+
+done_already() {  # done_already SEED RECIPE SECONDS: every evaluation of that run is on disk
+  local seed=$1 recipe=$2 budget=$3 b
+  if [ "$recipe" = reference ]; then
+    for b in $BUDGETS; do [ -f "$OUT/${objects}_reference_${b}s_seed${seed}_test/metrics.json" ] || return 1; done
+    return 0
+  fi
+  [ -f "$OUT/${objects}_${recipe}_${budget}s_seed${seed}_test/metrics.json" ]
+}
+
+run_queue() {  # run_queue: take the runs of the job list one by one; a run is taken by creating its claim folder
+  local job fitting
+  for job in "${jobs[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $job
+    done_already "$2" "$3" "$1" && continue
+    fitting=0
+    [ "$FEWSHOT" -gt 0 ] && [ "$1" = "$largest" ] && [[ " $FEWSHOT_SEEDS " == *" $2 "* ]] && fitting=120
+    if [ -n "${TIME_LIMIT:-}" ] && (( $(date +%s) + $1 + 60 + fitting > start_time + TIME_LIMIT )); then
+      mkdir "$OUT/.claims/${objects}_$2_$3_$1" 2>/dev/null && echo "left for a later call (TIME_LIMIT): $job"
       continue
     fi
-    for budget in $BUDGETS; do  # a schedule that follows the budget (cosine decay): one run per budget
-      name=${objects}_${recipe}_${budget}s_seed$seed
-      [ -f "$OUT/${name}_test/metrics.json" ] && continue
-      train "$OUT/$name" "$(config_of "$recipe")" "$budget"
-      evaluate "$name" "$OUT/$name/checkpoints" "$(grep -o 'Done: [0-9]* steps' "$OUT/$name.log" | tail -1 | grep -oE '[0-9]+')"
-      [ "$budget" = "$largest" ] && fewshot "$name" "$OUT/$name/checkpoints"
-    done
+    mkdir "$OUT/.claims/${objects}_$2_$3_$1" 2>/dev/null || continue
+    run_job "$2" "$3" "$1"
   done
 }
 
@@ -121,83 +149,37 @@ for objects in $OBJECTS; do
   data=$OUT/sm$objects
   [ -f "$data/dataset_info.json" ] || "$PYTHON" shepard_metzler.py --output_dir "$data" --num_objects "$objects" \
       --sidelength 64 > "$OUT/sm$objects.log" 2>&1
-  if [ "${WARM_COMPILE:-1}" = 1 ]; then
-    seed=0
-    for recipe in $RECIPES; do  # untimed: fills the compile cache (stops at the first clock reading)
-      train "$OUT/warmup_${objects}_$recipe" "$(config_of "$recipe")" 0.6
-      grep -o 'Done: .*steps in [0-9:]*' "$OUT/warmup_${objects}_$recipe.log" | sed "s/^/warm-up $recipe: /"
-      rm -rf "$OUT/warmup_${objects}_$recipe"
-    done
-  fi
-  if [ ${#gpus[@]} -eq 0 ]; then
-    for seed in $SEEDS; do run_seed "$seed"; done
-  else  # one queue of seeds per GPU, the queues side by side
-    read -r -a seeds <<< "$SEEDS"
-    for g in "${!gpus[@]}"; do
-      (
-        export CUDA_VISIBLE_DEVICES=${gpus[g]}
-        for s in "${!seeds[@]}"; do
-          [ $(( s % ${#gpus[@]} )) = "$g" ] && run_seed "${seeds[s]}"
+  # The job list, longest first: "SECONDS SEED RECIPE" (the reference recipe: one run of the largest budget).
+  mapfile -t jobs < <(for seed in $SEEDS; do for recipe in $RECIPES; do
+      if [ "$recipe" = reference ]; then echo "$largest $seed reference"
+      else for budget in $BUDGETS; do echo "$budget $seed $recipe"; done; fi
+    done; done | sort -s -k1,1nr)
+  rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"
+  read -r -a recipe_list <<< "$RECIPES"
+  workers=("${gpus[@]:-}")
+  for w in "${!workers[@]}"; do
+    (
+      [ -n "${workers[w]}" ] && export CUDA_VISIBLE_DEVICES=${workers[w]}
+      if [ "${WARM_COMPILE:-1}" = 1 ]; then
+        seed=0
+        for r in "${!recipe_list[@]}"; do  # untimed: fills the compile cache (stops at the first clock reading)
+          [ $(( r % ${#workers[@]} )) = "$w" ] || continue
+          recipe=${recipe_list[r]}
+          train "$OUT/warmup_${objects}_$recipe" "$(config_of "$recipe")" 0.1
+          grep -o 'Done: .*steps in [0-9:]*' "$OUT/warmup_${objects}_$recipe.log" | sed "s/^/warm-up $recipe: /"
+          rm -rf "$OUT/warmup_${objects}_$recipe"
         done
-      ) &
-    done
-    wait
-  fi
+      fi
+    ) &
+  done
+  wait
+  for w in "${!workers[@]}"; do
+    (
+      [ -n "${workers[w]}" ] && export CUDA_VISIBLE_DEVICES=${workers[w]}
+      run_queue
+    ) &
+  done
+  wait
 done
 
-"$PYTHON" - "$OUT" <<'PY'
-import collections, json, pathlib, re, sys
-out = pathlib.Path(sys.argv[1])
-runs = collections.defaultdict(list)  # (objects, recipe, seconds) -> [(psnr, ssim, steps)]
-shots = collections.defaultdict(list)  # (objects, recipe, seconds, k) -> [held-out psnr]
-for metrics in sorted(out.glob('*_*_*s_seed*_test/metrics.json')):
-    match = re.match(r'(\d+)_(\w+?)_(\d+)s_seed\d+(?:_(\d)shot)?_test$', metrics.parent.name)
-    if match is None:
-        continue
-    objects, recipe, seconds, k = match.groups()
-    summary = json.loads(metrics.read_text())['summary']
-    if k is not None:
-        shots[int(objects), recipe, int(seconds), int(k)].append(summary['held_out_views']['psnr'])
-        continue
-    log = (out / metrics.parent.name[:-len('_test')]).with_suffix('.log')
-    done = re.findall(r'Done: (\d+) steps', log.read_text(errors='replace')) if log.exists() else []
-    runs[int(objects), recipe, int(seconds)].append((summary['all_views']['psnr'], summary['all_views']['ssim'],
-                                                     int(done[-1]) if done else 0))
-
-def mean_std(values):
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-
-lines = ['| objects | recipe | seconds | seeds | steps | held-out PSNR (dB) | SSIM |', '|---|---|---|---|---|---|---|']
-for (objects, recipe, seconds), values in sorted(runs.items()):
-    psnr, psnr_std = mean_std([v[0] for v in values])
-    ssim, _ = mean_std([v[1] for v in values])
-    steps, _ = mean_std([v[2] for v in values])
-    lines.append(f'| {objects} | {recipe} | {seconds} | {len(values)} | {steps:.0f} | {psnr:.2f} +- {psnr_std:.2f} | {ssim:.3f} |')
-if shots:
-    lines += ['', 'Few-shot fitting of 50 unseen objects (networks frozen), held-out views:', '',
-              '| objects | recipe | seconds | views fitted | seeds | held-out PSNR (dB) |', '|---|---|---|---|---|---|']
-    for (objects, recipe, seconds, k), values in sorted(shots.items()):
-        psnr, psnr_std = mean_std(values)
-        lines.append(f'| {objects} | {recipe} | {seconds} | {k} | {len(values)} | {psnr:.2f} +- {psnr_std:.2f} |')
-(out / 'time_to_quality.md').write_text('\n'.join(lines) + '\n')
-print('\n'.join(lines))
-try:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-except ImportError:
-    sys.exit('(no matplotlib: no plot)')
-figure, axis = plt.subplots(figsize=(6, 4))
-for objects, recipe in sorted({(o, r) for o, r, _ in runs}):
-    points = sorted((s, mean_std([v[0] for v in runs[objects, recipe, s]])) for o, r, s in runs
-                    if (o, r) == (objects, recipe))
-    axis.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points], marker='o',
-                  capsize=3, label=f'{recipe}, {objects} objects')
-axis.set_xlabel('wall-clock seconds (setup and compilation included)')
-axis.set_ylabel('held-out PSNR (dB)')
-axis.grid(alpha=0.3)
-axis.legend()
-figure.tight_layout()
-figure.savefig(out / 'time_to_quality.png', dpi=120)
-PY
+"$PYTHON" benchmarks/time_to_quality_table.py "$OUT"
