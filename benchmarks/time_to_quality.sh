@@ -25,7 +25,7 @@
 #                 largest budget, and report the held-out PSNR of their other views (default 0: not done)
 #   FEWSHOT_SEEDS the seeds whose models are fitted so (default: the first of SEEDS)
 #   WARM_COMPILE  torch.compile keeps what it compiled in a cache on disk (/tmp/torchinductor_$USER), and a run
-#                 that finds it there starts training in about 20 s instead of 60-80. By default (1) each recipe
+#                 that finds it there starts training in about 15 s instead of 80. By default (1) each recipe
 #                 first runs untimed for a moment per object count, so the timed runs measure a machine that has
 #                 trained this model before, as a researcher's usually has; 0 leaves that out (then the first
 #                 timed run of each recipe pays the cold compilation, and the others do not). With GPUS the
