@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import geometry
 import hyperlayers
@@ -176,6 +175,8 @@ def psnr_ssim(rgb, target_rgb):
     :param rgb, target_rgb: (B, N, 3) tensors or arrays with N = s*s
     :return: two lists of B floats
     """
+    # Imported here: scikit-image's metrics pull in scipy.stats, a second of every start that trains without them.
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     rgb = torch.as_tensor(rgb).detach().to('cpu', torch.float64)
     target_rgb = torch.as_tensor(target_rgb).detach().to('cpu', torch.float64)
     preds = geometry.lin2img(rgb).permute(0, 2, 3, 1).numpy()  # (B, s, s, 3)
