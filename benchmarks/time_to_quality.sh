@@ -30,7 +30,7 @@
 #                 trained this model before, as a researcher's usually has; 0 leaves that out (then the first
 #                 timed run of each recipe pays the cold compilation, and the others do not). With GPUS the
 #                 recipes warm up side by side.
-#   TIME_LIMIT    seconds: take no run that would not end (its budget plus a minute for evaluation, plus two
+#   TIME_LIMIT    seconds: take no run that would not end (its budget plus a minute for evaluation, plus four
 #                 for few-shot fitting) this long after the start; the runs left out are listed, and a later call
 #                 with the same arguments does them (default: no limit)
 set -u
@@ -130,7 +130,7 @@ run_queue() {  # run_queue: take the runs of the job list one by one; a run is t
     set -- $job
     done_already "$2" "$3" "$1" && continue
     fitting=0
-    [ "$FEWSHOT" -gt 0 ] && [ "$1" = "$largest" ] && [[ " $FEWSHOT_SEEDS " == *" $2 "* ]] && fitting=120
+    [ "$FEWSHOT" -gt 0 ] && [ "$1" = "$largest" ] && [[ " $FEWSHOT_SEEDS " == *" $2 "* ]] && fitting=240
     if [ -n "${TIME_LIMIT:-}" ] && (( $(date +%s) + $1 + 60 + fitting > start_time + TIME_LIMIT )); then
       mkdir "$OUT/.claims/${objects}_$2_$3_$1" 2>/dev/null && echo "left for a later call (TIME_LIMIT): $job"
       continue
