@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 import srns
 import train
@@ -42,6 +44,9 @@ def compiled_step():
 
 @pytest.mark.skipif(shutil.which('g++') is None and shutil.which('clang++') is None,
                     reason='torch.compile on the CPU needs a C++ compiler (g++ or clang++)')
+@pytest.mark.skipif(not (hasattr(torch._inductor.config, 'unsafe_marked_cacheable_functions')
+                         and hasattr(torch._functorch.config, 'autograd_cache_allow_custom_autograd_functions')),
+                    reason=f'PyTorch {torch.__version__} has no settings to mark functions cacheable')
 def test_second_compile_reads_the_training_step_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path))
     try:
