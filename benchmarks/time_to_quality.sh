@@ -52,9 +52,11 @@ evaluate() {  # evaluate RUN_NAME CHECKPOINT STEPS: held-out PSNR of one checkpo
   echo "$name: $steps steps; held-out PSNR, SSIM $(cat "$OUT/${name}_test/results.txt" 2>/dev/null || echo failed)"
 }
 
+fitted_seed() { [ "$FEWSHOT" -gt 0 ] && [[ " $FEWSHOT_SEEDS " == *" $1 "* ]]; }  # fitted_seed SEED: FEWSHOT fits its models
+
 fewshot() {  # fewshot RUN_NAME CHECKPOINT: one- and two-shot fitting on the unseen objects, OUT_DIR/RUN_NAME_<k>shot_test
   local name=$1 checkpoint=$2 views shots
-  [ "$FEWSHOT" -gt 0 ] && [[ " $FEWSHOT_SEEDS " == *" $seed "* ]] || return 0
+  fitted_seed "$seed" || return 0
   for views in 5 5,15; do
     shots=$(( $(echo "$views" | tr -cd , | wc -c) + 1 ))
     "$PYTHON" test.py --data_root "$unseen/test" --checkpoint_path "$checkpoint" --img_sidelength 64 \
@@ -124,20 +126,45 @@ done_already() {  # done_already SEED RECIPE SECONDS: every evaluation of that r
 }
 
 run_queue() {  # run_queue: take the runs of the job list one by one; a run is taken by creating its claim folder
-  local job fitting
+  local job claim fitting
   for job in "${jobs[@]}"; do
     # shellcheck disable=SC2086
     set -- $job
     done_already "$2" "$3" "$1" && continue
+    claim=$OUT/.claims/${objects}_$2_$3_$1
     fitting=0
-    [ "$FEWSHOT" -gt 0 ] && [ "$1" = "$largest" ] && [[ " $FEWSHOT_SEEDS " == *" $2 "* ]] && fitting=240
+    [ "$1" = "$largest" ] && fitted_seed "$2" && fitting=240
     if [ -n "${TIME_LIMIT:-}" ] && (( $(date +%s) + $1 + 60 + fitting > start_time + TIME_LIMIT )); then
-      mkdir "$OUT/.claims/${objects}_$2_$3_$1" 2>/dev/null && echo "left for a later call (TIME_LIMIT): $job"
+      mkdir "$claim" 2>/dev/null && echo "left for a later call (TIME_LIMIT): $job"
       continue
     fi
-    mkdir "$OUT/.claims/${objects}_$2_$3_$1" 2>/dev/null || continue
+    mkdir "$claim" 2>/dev/null || continue
     run_job "$2" "$3" "$1"
   done
+}
+
+warm_up() {  # warm_up WORKER: untimed runs of this worker's share of the recipes fill the compile cache
+  local r
+  [ "${WARM_COMPILE:-1}" = 1 ] || return 0
+  seed=0
+  for r in "${!recipe_list[@]}"; do  # each stops at its first clock reading, just after compiling
+    [ $(( r % ${#workers[@]} )) = "$1" ] || continue
+    recipe=${recipe_list[r]}
+    train "$OUT/warmup_${objects}_$recipe" "$(config_of "$recipe")" 0.1
+    grep -o 'Done: .*steps in [0-9:]*' "$OUT/warmup_${objects}_$recipe.log" | sed "s/^/warm-up $recipe: /"
+    rm -rf "$OUT/warmup_${objects}_$recipe"
+  done
+}
+
+on_workers() {  # on_workers FUNCTION: FUNCTION WORKER once per worker, side by side, each seeing its GPU alone
+  local w
+  for w in "${!workers[@]}"; do
+    (
+      [ -n "${workers[w]}" ] && export CUDA_VISIBLE_DEVICES=${workers[w]}
+      "$1" "$w"
+    ) &
+  done
+  wait
 }
 
 unseen=$OUT/sm_unseen
@@ -157,29 +184,8 @@ for objects in $OBJECTS; do
   rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"
   read -r -a recipe_list <<< "$RECIPES"
   workers=("${gpus[@]:-}")
-  for w in "${!workers[@]}"; do
-    (
-      [ -n "${workers[w]}" ] && export CUDA_VISIBLE_DEVICES=${workers[w]}
-      if [ "${WARM_COMPILE:-1}" = 1 ]; then
-        seed=0
-        for r in "${!recipe_list[@]}"; do  # untimed: fills the compile cache (stops at the first clock reading)
-          [ $(( r % ${#workers[@]} )) = "$w" ] || continue
-          recipe=${recipe_list[r]}
-          train "$OUT/warmup_${objects}_$recipe" "$(config_of "$recipe")" 0.1
-          grep -o 'Done: .*steps in [0-9:]*' "$OUT/warmup_${objects}_$recipe.log" | sed "s/^/warm-up $recipe: /"
-          rm -rf "$OUT/warmup_${objects}_$recipe"
-        done
-      fi
-    ) &
-  done
-  wait
-  for w in "${!workers[@]}"; do
-    (
-      [ -n "${workers[w]}" ] && export CUDA_VISIBLE_DEVICES=${workers[w]}
-      run_queue
-    ) &
-  done
-  wait
+  on_workers warm_up
+  on_workers run_queue
 done
 
 "$PYTHON" benchmarks/time_to_quality_table.py "$OUT"
