@@ -91,9 +91,61 @@ def main(argv=None):
                 act, act2, rstd, x, w0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS, **meta,
                 num_warps=config.num_warps, num_stages=config.num_stages)
         report(f"_input_layer_bwd {meta} w{config.num_warps}", do_bench(launch), 2 * act_bytes)
+    phi_evaluations(B, N, C, report)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
             'results': results}
     pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
+
+
+def phi_evaluations(B, N, C, report):
+    """One evaluation of phi (3 -> C -> C -> C -> C, bfloat16 autocast), forward and forward + backward, on each
+    implementation: PyTorch's layers eager and compiled, the kernels one per layer, and the kernels of the whole
+    network (_phi_fwd / _phi_bwd) with either weight-gradient product. Peak memory of forward + backward too."""
+    import hyperlayers
+    from triton.testing import do_bench
+    dev = 'cuda'
+    torch.manual_seed(0)
+    x = torch.randn(B, N, 3, device=dev)
+    layers = [(torch.randn(B, C, 3, device=dev), torch.randn(B, 1, C, device=dev) / 4, True)]
+    layers += [(torch.randn(B, C, C, device=dev, dtype=torch.bfloat16) / 16,
+                torch.randn(B, 1, C, device=dev, dtype=torch.bfloat16) / 4, True) for _ in range(3)]
+    layers = [(w.requires_grad_(), b.requires_grad_(), norm) for w, b, norm in layers]
+    grad_v = torch.randn(B, N, C, device=dev, dtype=torch.bfloat16)
+    act_bytes = B * N * C * 2
+    flops = 2 * B * N * C * C * 3  # the three C x C layers
+
+    def pytorch(x_):
+        return hyperlayers.HypoNetwork(layers)(x_)
+    compiled = torch.compile(pytorch)
+    variants = [('pytorch eager', pytorch, None), ('pytorch compiled', compiled, None),
+                ('kernels per layer', lambda x_: kernels.phi(x_, layers), ('layers', 'triton')),
+                ('kernels whole phi, cuBLAS dW', lambda x_: kernels.phi(x_, layers), ('whole', 'cublas')),
+                ('kernels whole phi, Triton dW', lambda x_: kernels.phi(x_, layers), ('whole', 'triton'))]
+    for name, fn, switch in variants:
+        if switch is not None:
+            kernels.IMPLEMENTATION, kernels.WEIGHT_GRADS = switch
+
+        def forward():
+            with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+                return fn(x)
+
+        def forward_backward():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                v = fn(x)
+            v.backward(grad_v)
+        try:
+            forward_backward()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            forward_backward()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+            report(f'phi, {name}: forward', do_bench(forward), 5 * act_bytes, flops)
+            report(f'phi, {name}: forward + backward ({peak:.2f} GiB above inputs)', do_bench(forward_backward),
+                   14 * act_bytes, 3 * flops)
+        except Exception as error:
+            print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
+    kernels.IMPLEMENTATION, kernels.WEIGHT_GRADS = 'whole', 'cublas'
 
 
 def triton_cdiv(a, b):
