@@ -244,144 +244,6 @@ if triton is not None:
         tl.store(db_part_ptr + part * C + cols, tl.sum(db, axis=0))
 
 
-    # --- phi in two kernels: every layer of a tile of rows in one program (forward), and back (backward) ----------
-    # A 256-wide row is held as two halves of C // 2 columns ("lo" and "hi"): Triton cannot slice a register tensor,
-    # and a product with a whole 256 x 256 matrix would need it in registers at once. Each layer's product is then
-    # four (BLOCK_M, H) x (H, H) products with quarters of W, and LayerNorm's row statistics add the two halves.
-
-    @triton.jit
-    def _layer_norm_halves(lo, hi, C: tl.constexpr, eps):
-        """LayerNorm (no affine) of rows held as two halves: (xhat_lo, xhat_hi, 1/std), float32."""
-        mean = (tl.sum(lo, axis=1) + tl.sum(hi, axis=1)) / C
-        lo, hi = lo - mean[:, None], hi - mean[:, None]
-        rstd = 1. / tl.sqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / C + eps)
-        return lo * rstd[:, None], hi * rstd[:, None], rstd
-
-    @triton.jit
-    def _layer_norm_relu_bwd_halves(g_lo, g_hi, xh_lo, xh_hi, rstd, C: tl.constexpr):
-        """d(pre-LayerNorm) from d(ReLU output) for rows held as halves, float32."""
-        g_lo, g_hi = tl.where(xh_lo > 0, g_lo, 0.), tl.where(xh_hi > 0, g_hi, 0.)
-        mean_g = (tl.sum(g_lo, axis=1) + tl.sum(g_hi, axis=1)) / C
-        mean_gx = (tl.sum(g_lo * xh_lo, axis=1) + tl.sum(g_hi * xh_hi, axis=1)) / C
-        d_lo = rstd[:, None] * (g_lo - mean_g[:, None] - xh_lo * mean_gx[:, None])
-        d_hi = rstd[:, None] * (g_hi - mean_g[:, None] - xh_hi * mean_gx[:, None])
-        return d_lo, d_hi
-
-    @triton.jit
-    def _product_halves(a_lo, a_hi, w_ptr, C: tl.constexpr, H: tl.constexpr, TRANSPOSED: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        """(a_lo | a_hi) @ M for the (C, C) matrix at w_ptr: M = W^T with TRANSPOSED (a layer's forward), else W
-        (its backward to the input); returned as two float32 halves of columns."""
-        i, j = tl.arange(0, H)[:, None], tl.arange(0, H)[None, :]  # M[i, j] of a quarter
-        if TRANSPOSED:
-            offs = j * C + i  # M[k, n] = W[n, k]
-        else:
-            offs = i * C + j
-        step_row, step_col = (H, H * C) if TRANSPOSED else (H * C, H)
-        out_lo = tl.dot(a_lo, tl.load(w_ptr + offs), input_precision=PRECISION)
-        out_lo = tl.dot(a_hi, tl.load(w_ptr + offs + step_row), out_lo, input_precision=PRECISION)
-        out_hi = tl.dot(a_lo, tl.load(w_ptr + offs + step_col), input_precision=PRECISION)
-        out_hi = tl.dot(a_hi, tl.load(w_ptr + offs + step_row + step_col), out_hi, input_precision=PRECISION)
-        return out_lo, out_hi
-
-    @triton.autotune(configs=_configs(({'BLOCK_M': 64}, 8, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 64}, 4, 1),
-                                      ({'BLOCK_M': 128}, 8, 1)),
-                     key=['ROWS_KEY', 'C'])
-    @triton.jit
-    def _phi_fwd(x_ptr, w0_ptr, b0_ptr, w_ptr, b_ptr, xhat_ptr, rstd_ptr, v_ptr, B, N, ROWS_KEY, eps,
-                 C: tl.constexpr, L: tl.constexpr, NORMALIZE_LAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-        """phi for a tile of rows: the float32 input layer 3 -> C, then L layers C -> C, each LayerNorm + ReLU
-        (the last perhaps linear). Stores every normalised layer's xhat (M, B, N, C) and 1/std (M, B, N), and
-        v (B, N, C). Weights: W_0 (B, C, 3), b_0 (B, C) float32; W (L, B, C, C), b (L, B, C)."""
-        H: tl.constexpr = C // 2
-        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        cols = tl.arange(0, H)
-        tile = rows[:, None] * C + cols[None, :]
-        lo = tl.zeros([BLOCK_M, H], dtype=tl.float32) + tl.load(b0_ptr + b * C + cols)[None, :]
-        hi = tl.zeros([BLOCK_M, H], dtype=tl.float32) + tl.load(b0_ptr + b * C + H + cols)[None, :]
-        for k in tl.static_range(3):
-            xk = tl.load(x_ptr + b * N * 3 + rows * 3 + k, mask=row_ok, other=0.)[:, None]
-            lo += xk * tl.load(w0_ptr + b * C * 3 + cols * 3 + k)[None, :]
-            hi += xk * tl.load(w0_ptr + b * C * 3 + (H + cols) * 3 + k)[None, :]
-        lo, hi, rstd = _layer_norm_halves(lo, hi, C, eps)
-        tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
-        act = xhat_ptr + b * N * C
-        tl.store(act + tile, lo.to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(act + H + tile, hi.to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
-        for i in tl.static_range(L):
-            a_lo = tl.maximum(lo, 0.).to(w_ptr.dtype.element_ty)
-            a_hi = tl.maximum(hi, 0.).to(w_ptr.dtype.element_ty)
-            lo, hi = _product_halves(a_lo, a_hi, w_ptr + (i * B + b) * C * C, C, H, True, PRECISION)
-            lo += tl.load(b_ptr + (i * B + b) * C + cols).to(tl.float32)[None, :]
-            hi += tl.load(b_ptr + (i * B + b) * C + H + cols).to(tl.float32)[None, :]
-            if NORMALIZE_LAST or i < L - 1:
-                lo, hi, rstd = _layer_norm_halves(lo, hi, C, eps)
-                tl.store(rstd_ptr + ((i + 1) * B + b) * N + rows, rstd, mask=row_ok)
-                act = xhat_ptr + ((i + 1) * B + b) * N * C
-                tl.store(act + tile, lo.to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
-                tl.store(act + H + tile, hi.to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
-        if NORMALIZE_LAST:
-            lo, hi = tl.maximum(lo, 0.), tl.maximum(hi, 0.)
-        tl.store(v_ptr + b * N * C + tile, lo.to(v_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(v_ptr + b * N * C + H + tile, hi.to(v_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-    @triton.autotune(configs=_configs(({}, 8, 1), ({}, 4, 1), ({}, 16, 1)), key=['ROWS_KEY', 'C', 'BLOCK_M'])
-    @triton.jit
-    def _phi_bwd(grad_ptr, x_ptr, w0_ptr, w_ptr, xhat_ptr, rstd_ptr, dpre_ptr, relu_ptr, dx_ptr, part_ptr,
-                 B, N, ROWS_KEY, C: tl.constexpr, L: tl.constexpr, NORMALIZE_LAST: tl.constexpr,
-                 STORE_RELU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-        """phi's backward for a tile of rows, from the gradient of v (B, N, C) down to the points: dx (B, N, 3)
-        float32; each layer's d(pre-activation) (L, B, N, C), for its weight gradient (with STORE_RELU also
-        relu(xhat) of the layer below, (L, B, N, C), that product's other operand); and this tile's sums over rows
-        (float32) for the bias gradients and the input layer's weight gradient, part_ptr (B, tiles, L + 4, C):
-        slots 0..L-1 the biases of layers 1..L, L..L+2 the columns of dW_0, L+3 the bias of layer 0."""
-        H: tl.constexpr = C // 2
-        M: tl.constexpr = L + 1 if NORMALIZE_LAST else L  # normalised layers
-        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        cols = tl.arange(0, H)
-        tile = rows[:, None] * C + cols[None, :]
-        part = part_ptr + (b * tl.num_programs(0) + pid_m) * (L + 4) * C
-        g_lo = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-        g_hi = tl.load(grad_ptr + b * N * C + H + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-        for j in tl.static_range(L, -1, -1):  # layer j: the layers L..1 (C -> C), then the input layer 0
-            if j < M:  # LayerNorm + ReLU backward
-                act = xhat_ptr + (j * B + b) * N * C
-                xh_lo = tl.load(act + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-                xh_hi = tl.load(act + H + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-                rstd = tl.load(rstd_ptr + (j * B + b) * N + rows, mask=row_ok, other=0.)
-                if STORE_RELU and j < L:  # relu(xhat_j), the input of layer j + 1
-                    act = relu_ptr + (j * B + b) * N * C
-                    tl.store(act + tile, tl.maximum(xh_lo, 0.).to(relu_ptr.dtype.element_ty), mask=row_ok[:, None])
-                    tl.store(act + H + tile, tl.maximum(xh_hi, 0.).to(relu_ptr.dtype.element_ty),
-                             mask=row_ok[:, None])
-                d_lo, d_hi = _layer_norm_relu_bwd_halves(g_lo, g_hi, xh_lo, xh_hi, rstd, C)
-            else:  # a linear last layer
-                d_lo, d_hi = g_lo, g_hi
-            if j > 0:
-                d_lo, d_hi = d_lo.to(w_ptr.dtype.element_ty), d_hi.to(w_ptr.dtype.element_ty)
-                act = dpre_ptr + ((j - 1) * B + b) * N * C
-                tl.store(act + tile, d_lo, mask=row_ok[:, None])
-                tl.store(act + H + tile, d_hi, mask=row_ok[:, None])
-                tl.store(part + (j - 1) * C + cols, tl.sum(d_lo.to(tl.float32), axis=0))  # masked rows are 0
-                tl.store(part + (j - 1) * C + H + cols, tl.sum(d_hi.to(tl.float32), axis=0))
-                g_lo, g_hi = _product_halves(d_lo, d_hi, w_ptr + ((j - 1) * B + b) * C * C, C, H, False, PRECISION)
-            else:  # the input layer (float32): dx, and the sums for dW_0 and b_0
-                w0 = w0_ptr + b * C * 3
-                for k in tl.static_range(3):
-                    dxk = (tl.sum(d_lo * tl.load(w0 + cols * 3 + k)[None, :], axis=1)
-                           + tl.sum(d_hi * tl.load(w0 + (H + cols) * 3 + k)[None, :], axis=1))
-                    tl.store(dx_ptr + b * N * 3 + rows * 3 + k, dxk, mask=row_ok)
-                    xk = tl.load(x_ptr + b * N * 3 + rows * 3 + k, mask=row_ok, other=0.)[:, None]
-                    tl.store(part + (L + k) * C + cols, tl.sum(d_lo * xk, axis=0))
-                    tl.store(part + (L + k) * C + H + cols, tl.sum(d_hi * xk, axis=0))
-                tl.store(part + (L + 3) * C + cols, tl.sum(d_lo, axis=0))
-                tl.store(part + (L + 3) * C + H + cols, tl.sum(d_hi, axis=0))
-
 INPUT_ROWS = 256  # rows per program in the input layer's backward
 
 
@@ -475,62 +337,6 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
     return [dx, dw0, db0, *grads]
 
 
-# Which implementation phi() uses: 'whole' (every layer of a tile of rows in one program, _phi_fwd / _phi_bwd) or
-# 'layers' (one kernel per layer); and how 'whole' computes phi's weight gradients: 'cublas' (relu(xhat) stored
-# by the backward kernel, then one batched product) or 'triton' (_hidden_layer_bwd_weights, ReLU as it loads).
-IMPLEMENTATION = os.environ.get('SRN_KERNELS_IMPL', 'whole')
-WEIGHT_GRADS = os.environ.get('SRN_KERNELS_WEIGHT_GRADS', 'cublas')
-# Rows per program of _phi_bwd; fixed (not autotuned) because it sets how many partial sums there are.
-BWD_BLOCK_M = int(os.environ.get('SRN_KERNELS_BWD_BLOCK_M', '32' if INTERPRET else '64'))
-
-
-def _whole_forward_impl(x, w0, b0, w, b, eps, normalize_last):
-    """[v (B, N, C), xhat (M, B, N, C), 1/std (M, B, N)] for phi's M normalised layers."""
-    num_layers, batch_size, channels = w.shape[0], x.shape[0], w.shape[-1]
-    num_points = x.shape[1]
-    num_norm = num_layers + 1 if normalize_last else num_layers
-    xhat = torch.empty(num_norm, batch_size, num_points, channels, device=x.device, dtype=w.dtype)
-    rstd = torch.empty(num_norm, batch_size, num_points, device=x.device, dtype=torch.float32)
-    v = torch.empty(batch_size, num_points, channels, device=x.device, dtype=w.dtype)
-    _launch(_phi_fwd)[_rows_grid(num_points, batch_size)](
-        x, w0, b0, w, b, xhat, rstd, v, batch_size, num_points, _rows_key(num_points), eps, C=channels,
-        L=num_layers, NORMALIZE_LAST=normalize_last, PRECISION=_precision(w.dtype))
-    return [v, xhat, rstd]
-
-
-def _whole_backward_impl(grad_v, x, w0, w, xhat, rstd, normalize_last):
-    """[dx (B, N, 3), dW_0 (B, C, 3), db_0 (B, C), dW (L, B, C, C), db (L, B, C)] for the gradient of v."""
-    num_layers, batch_size, channels = w.shape[0], x.shape[0], w.shape[-1]
-    num_points = x.shape[1]
-    tiles = triton.cdiv(num_points, BWD_BLOCK_M)
-    dpre = torch.empty(num_layers, batch_size, num_points, channels, device=x.device, dtype=w.dtype)
-    store_relu = WEIGHT_GRADS == 'cublas'
-    relu = torch.empty_like(dpre) if store_relu else dpre
-    dx = torch.empty_like(x)
-    part = torch.empty(batch_size, tiles, num_layers + 4, channels, device=x.device, dtype=torch.float32)
-    _launch(_phi_bwd)[(tiles, batch_size)](
-        grad_v, x, w0, w, xhat, rstd, dpre, relu, dx, part, batch_size, num_points, _rows_key(num_points),
-        C=channels, L=num_layers, NORMALIZE_LAST=normalize_last, STORE_RELU=store_relu,
-        PRECISION=_precision(w.dtype), BLOCK_M=BWD_BLOCK_M)
-    sums = part.sum(1)  # (B, L + 4, C); the outputs are copies (a custom operator's outputs may not alias)
-    db = sums[:, :num_layers].transpose(0, 1).to(w.dtype, memory_format=torch.contiguous_format, copy=True)
-    dw0 = sums[:, num_layers:num_layers + 3].transpose(1, 2).clone(memory_format=torch.contiguous_format)
-    db0 = sums[:, num_layers + 3].clone()  # (L, B, C), (B, C, 3), (B, C)
-    if store_relu:
-        dw = torch.matmul(dpre.transpose(-1, -2), relu)  # (L, B, C, N) @ (L, B, N, C): dW_i = dpre_i^T relu(xhat)
-    else:
-        dw = torch.empty_like(w)
-        db_unused = torch.empty(batch_size, channels, device=x.device, dtype=w.dtype)
-
-        def weights_grid(meta):
-            return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size)
-        for i in range(num_layers):
-            _launch(_hidden_layer_bwd_weights)[weights_grid](dpre[i], xhat[i], dw[i], db_unused, num_points,
-                                                             _rows_key(num_points), C=channels,
-                                                             PRECISION=_precision(w.dtype))
-    return [dx, dw0, db0, dw, db]
-
-
 def _register():
     """The forward and backward as custom operators with autograd, which torch.compile traces into."""
     @torch.library.triton_op('srn::phi_forward', mutates_args=())
@@ -561,29 +367,6 @@ def _register():
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)
 
-    @torch.library.triton_op('srn::phi_whole_forward', mutates_args=())
-    def _phi_whole_forward(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                           eps: float, normalize_last: bool) -> list[torch.Tensor]:
-        return _whole_forward_impl(x, w0, b0, w, b, eps, normalize_last)
-
-    @torch.library.triton_op('srn::phi_whole_backward', mutates_args=())
-    def _phi_whole_backward(grad_v: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w: torch.Tensor,
-                            xhat: torch.Tensor, rstd: torch.Tensor, normalize_last: bool) -> list[torch.Tensor]:
-        return _whole_backward_impl(grad_v, x, w0, w, xhat, rstd, normalize_last)
-
-    def _whole_setup_context(ctx, inputs, output):
-        x, w0, _, w, _, _, normalize_last = inputs
-        ctx.normalize_last = normalize_last
-        ctx.save_for_backward(x, w0, w, output[1], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def _whole_backward(ctx, grads):
-        x, w0, w, xhat, rstd = ctx.saved_tensors
-        dx, dw0, db0, dw, db = _phi_whole_backward(grads[0].contiguous(), x, w0, w, xhat, rstd, ctx.normalize_last)
-        return dx, dw0, db0, dw, db, None, None
-
-    torch.library.register_autograd('srn::phi_whole_forward', _whole_backward, setup_context=_whole_setup_context)
-
 
 _REGISTERED = False
 if triton is not None and hasattr(torch.library, 'triton_op'):
@@ -603,14 +386,8 @@ def phi(x, layers, eps=1e-5):
     :return: v (B, N, C) in the activations' dtype (bfloat16 under autocast)
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    batch_size = x.shape[0]
     with torch.autocast(x.device.type, enabled=False):
-        w0 = layers[0][0].float().contiguous()  # (B, C, 3)
-        b0 = layers[0][1].float().reshape(batch_size, -1).contiguous()  # (B, C)
-        if IMPLEMENTATION == 'whole':
-            w = torch.stack([weights.to(dtype) for weights, _, _ in layers[1:]])  # (L, B, C, C)
-            b = torch.stack([biases.to(dtype).reshape(batch_size, -1) for _, biases, _ in layers[1:]])  # (L, B, C)
-            return torch.ops.srn.phi_whole_forward(x.float().contiguous(), w0, b0, w, b, eps, layers[-1][2])[0]
-        weights = [w0] + [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
-        biases = [b0] + [b.to(dtype).reshape(batch_size, -1).contiguous() for _, b, _ in layers[1:]]
+        weights = [layers[0][0].float().contiguous()] + [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
+        biases = [layers[0][1].float().reshape(x.shape[0], -1).contiguous()]
+        biases += [b.to(dtype).reshape(x.shape[0], -1).contiguous() for _, b, _ in layers[1:]]
         return torch.ops.srn.phi_forward(x.float().contiguous(), weights, biases, eps, layers[-1][2])[0]

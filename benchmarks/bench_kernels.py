@@ -44,10 +44,12 @@ def main(argv=None):
     flops = 2 * B * N * C * C
     results = []
 
-    def report(name, ms, bytes_moved, flop=0):
-        row = {'kernel': name, 'us': ms * 1e3, 'TB/s': bytes_moved / ms / 1e9, 'TFLOP/s': flop / ms / 1e9}
+    def report(name, ms, bytes_moved, flop=0):  # bytes_moved None: not one figure (a whole evaluation of phi)
+        row = {'kernel': name, 'us': ms * 1e3, 'TB/s': bytes_moved / ms / 1e9 if bytes_moved else None,
+               'TFLOP/s': flop / ms / 1e9}
         results.append(row)
-        print(f"{name:60s} {row['us']:8.1f} us  {row['TB/s']:5.2f} TB/s  {row['TFLOP/s']:6.1f} TFLOP/s", flush=True)
+        bandwidth = f"{row['TB/s']:5.2f}" if bytes_moved else '    -'
+        print(f"{name:60s} {row['us']:8.1f} us  {bandwidth} TB/s  {row['TFLOP/s']:6.1f} TFLOP/s", flush=True)
 
     report('torch: copy one activation (B, N, C) bf16', do_bench(lambda: out.copy_(act)), 2 * act_bytes)
     report('torch: bmm (B, N, C) @ (B, C, C) bf16', do_bench(lambda: torch.bmm(act, w.transpose(1, 2))),
@@ -99,8 +101,8 @@ def main(argv=None):
 
 def phi_evaluations(B, N, C, report):
     """One evaluation of phi (3 -> C -> C -> C -> C, bfloat16 autocast), forward and forward + backward, on each
-    implementation: PyTorch's layers eager and compiled, the kernels one per layer, and the kernels of the whole
-    network (_phi_fwd / _phi_bwd) with either weight-gradient product. Peak memory of forward + backward too."""
+    implementation: PyTorch's layers eager and compiled (what --fast runs), and the kernels. Peak memory of
+    forward + backward too."""
     import hyperlayers
     from triton.testing import do_bench
     dev = 'cuda'
@@ -111,20 +113,14 @@ def phi_evaluations(B, N, C, report):
                 torch.randn(B, 1, C, device=dev, dtype=torch.bfloat16) / 4, True) for _ in range(3)]
     layers = [(w.requires_grad_(), b.requires_grad_(), norm) for w, b, norm in layers]
     grad_v = torch.randn(B, N, C, device=dev, dtype=torch.bfloat16)
-    act_bytes = B * N * C * 2
     flops = 2 * B * N * C * C * 3  # the three C x C layers
 
     def pytorch(x_):
         return hyperlayers.HypoNetwork(layers)(x_)
     compiled = torch.compile(pytorch)
-    variants = [('pytorch eager', pytorch, None), ('pytorch compiled', compiled, None),
-                ('kernels per layer', lambda x_: kernels.phi(x_, layers), ('layers', 'triton')),
-                ('kernels whole phi, cuBLAS dW', lambda x_: kernels.phi(x_, layers), ('whole', 'cublas')),
-                ('kernels whole phi, Triton dW', lambda x_: kernels.phi(x_, layers), ('whole', 'triton'))]
-    for name, fn, switch in variants:
-        if switch is not None:
-            kernels.IMPLEMENTATION, kernels.WEIGHT_GRADS = switch
-
+    variants = [('pytorch eager', pytorch), ('pytorch compiled', compiled),
+                ('kernels', lambda x_: kernels.phi(x_, layers))]
+    for name, fn in variants:
         def forward():
             with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
                 return fn(x)
@@ -140,12 +136,11 @@ def phi_evaluations(B, N, C, report):
             base = torch.cuda.memory_allocated()
             forward_backward()
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-            report(f'phi, {name}: forward', do_bench(forward), 5 * act_bytes, flops)
+            report(f'phi, {name}: forward', do_bench(forward), None, flops)
             report(f'phi, {name}: forward + backward ({peak:.2f} GiB above inputs)', do_bench(forward_backward),
-                   14 * act_bytes, 3 * flops)
+                   None, 3 * flops)
         except Exception as error:
             print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
-    kernels.IMPLEMENTATION, kernels.WEIGHT_GRADS = 'whole', 'cublas'
 
 
 def triton_cdiv(a, b):
