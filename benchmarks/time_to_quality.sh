@@ -30,8 +30,8 @@
 #                 trained this model before, as a researcher's usually has; 0 leaves that out (then the first
 #                 timed run of each recipe pays the cold compilation, and the others do not). With GPUS the
 #                 recipes warm up side by side.
-#   TIME_LIMIT    seconds: take no run that would not end (its budget plus a minute for evaluation, plus four
-#                 for few-shot fitting) this long after the start; the runs left out are listed, and a later call
+#   TIME_LIMIT    seconds: take no run that would not end (its budget, plus 20 s for each evaluation, about
+#                 twice what one takes, plus four minutes for few-shot fitting) this long after the start; the runs left out are listed, and a later call
 #                 with the same arguments does them (default: no limit)
 set -u
 start_time=$(date +%s)
@@ -126,15 +126,16 @@ done_already() {  # done_already SEED RECIPE SECONDS: every evaluation of that r
 }
 
 run_queue() {  # run_queue: take the runs of the job list one by one; a run is taken by creating its claim folder
-  local job claim fitting
+  local job claim fitting evaluations
   for job in "${jobs[@]}"; do
     # shellcheck disable=SC2086
     set -- $job
     done_already "$2" "$3" "$1" && continue
     claim=$OUT/.claims/${objects}_$2_$3_$1
-    fitting=0
+    fitting=0 evaluations=1
     [ "$1" = "$largest" ] && fitted_seed "$2" && fitting=240
-    if [ -n "${TIME_LIMIT:-}" ] && (( $(date +%s) + $1 + 60 + fitting > start_time + TIME_LIMIT )); then
+    [ "$3" = reference ] && evaluations=$(wc -w <<< "$BUDGETS")
+    if [ -n "${TIME_LIMIT:-}" ] && (( $(date +%s) + $1 + 20 * evaluations + fitting > start_time + TIME_LIMIT )); then
       mkdir "$claim" 2>/dev/null && echo "left for a later call (TIME_LIMIT): $job"
       continue
     fi
