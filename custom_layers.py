@@ -98,14 +98,22 @@ class Raymarcher(nn.Module):
 
     At every step phi is queried at the current points, an LSTM cell updates its state from the features,
     and a linear layer reads a step length off the hidden state; the points move along their rays by it.
+
+    ``grad_steps`` > 0 backpropagates through only the last that many steps (truncated backpropagation through
+    the march, not in the paper): the earlier steps run without autograd, so they neither save activations nor
+    cost a backward pass; the points and the LSTM state they reach enter the later steps as constants. 0 (the
+    default, the reference's) backpropagates through every step.
     """
 
     INIT_DEPTH_MEAN = 0.05  # initial camera depth of every ray (reference value)
 
-    def __init__(self, num_feature_channels, raymarch_steps, init_depth_std=5e-4):
+    def __init__(self, num_feature_channels, raymarch_steps, init_depth_std=5e-4, grad_steps=0):
         super().__init__()
+        if grad_steps < 0:
+            raise ValueError(f"grad_steps must be >= 0 (0: every step), got {grad_steps}")
         self.n_feature_channels = num_feature_channels
         self.steps = raymarch_steps
+        self.grad_steps = grad_steps
         self.init_depth_std = init_depth_std  # 5e-4 in the reference; 0 makes rendering deterministic
         hidden_size = 16
         # PyTorch's default LSTMCell init (uniform +-1/sqrt(16)); only the forget-gate biases are changed.
@@ -143,15 +151,18 @@ class Raymarcher(nn.Module):
             world_coords = geometry.world_from_xy_depth(uv, depth, cam2world=cam2world, intrinsics=intrinsics)
         state = None
         trace = [depth]
-        for _ in range(self.steps):
-            v = phi(world_coords)  # (B, N, C)
-            hidden, cell = self.lstm(v.reshape(-1, self.n_feature_channels), state)  # 2 x (B*N, 16)
-            state = (ClampGrad.apply(hidden), cell)
-            # The step length stays float32 under mixed precision: it moves the points along the ray.
-            with torch.autocast(hidden.device.type, enabled=False):
-                signed_distance = self.out_layer(state[0].float()).reshape(batch_size, num_samples, 1)
-            world_coords = world_coords + ray_dirs * signed_distance
-            depth = geometry.depth_from_world(world_coords, cam2world, world2cam=world2cam)  # (B, N, 1)
+        grad_enabled = torch.is_grad_enabled()
+        first_grad_step = max(self.steps - self.grad_steps, 0) if self.grad_steps else 0
+        for step in range(self.steps):
+            with torch.set_grad_enabled(grad_enabled and step >= first_grad_step):
+                v = phi(world_coords)  # (B, N, C)
+                hidden, cell = self.lstm(v.reshape(-1, self.n_feature_channels), state)  # 2 x (B*N, 16)
+                state = (ClampGrad.apply(hidden), cell)
+                # The step length stays float32 under mixed precision: it moves the points along the ray.
+                with torch.autocast(hidden.device.type, enabled=False):
+                    signed_distance = self.out_layer(state[0].float()).reshape(batch_size, num_samples, 1)
+                world_coords = world_coords + ray_dirs * signed_distance
+                depth = geometry.depth_from_world(world_coords, cam2world, world2cam=world2cam)  # (B, N, 1)
             if return_trace:
                 trace.append(depth)
         if return_trace:

@@ -33,10 +33,12 @@ class SRNsModel(nn.Module):
     :param use_unet_renderer: DeepVoxels U-Net pixel generator (128 x 128 images only)
     :param freeze_networks: train only the latent codes (few-shot fitting of unseen scenes)
     :param init_depth_std: std of the ray marcher's initial depth noise (5e-4 in the reference)
+    :param tracing_grad_steps: backpropagate through only the last that many ray-marching steps (0: all, the
+        reference's; see ``Raymarcher``)
     """
 
     def __init__(self, num_instances, latent_dim, tracing_steps, has_params=False, fit_single_srn=False,
-                 use_unet_renderer=False, freeze_networks=False, init_depth_std=5e-4):
+                 use_unet_renderer=False, freeze_networks=False, init_depth_std=5e-4, tracing_grad_steps=0):
         super().__init__()
         if freeze_networks and fit_single_srn:
             raise ValueError("freeze_networks needs latent codes to train, but fit_single_srn has none: "
@@ -65,7 +67,8 @@ class SRNsModel(nn.Module):
                                                  in_ch=3, out_ch=self.num_hidden_units_phi)
 
         self.ray_marcher = Raymarcher(num_feature_channels=self.num_hidden_units_phi,
-                                      raymarch_steps=tracing_steps, init_depth_std=init_depth_std)
+                                      raymarch_steps=tracing_steps, init_depth_std=init_depth_std,
+                                      grad_steps=tracing_grad_steps)
 
         if self.use_unet_renderer:
             self.pixel_generator = DeepvoxelsRenderer(nf0=32, in_channels=self.num_hidden_units_phi,

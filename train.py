@@ -146,6 +146,10 @@ def get_parser():
                    help='With --rays_per_view: keep every training view on the training device (float16, decoded '
                         'once per side length) and draw the rays there instead of in DataLoader workers; many '
                         'views a step then cost no host time. Needs 6 bytes per pixel of device memory.')
+    r.add_argument('--tracing_grad_steps', type=int, default=0,
+                   help='Backpropagate through only the last this many of the --tracing_steps ray-marching steps '
+                        '(truncated backpropagation, not in the paper: the earlier steps run without autograd, '
+                        'which saves their backward pass and activations; 0: every step, as the reference).')
     r.add_argument('--latent_lr', type=float, default=None,
                    help='Adam learning rate of the latent codes (default: --lr, one rate for all, as the reference).')
     r.add_argument('--lr_warmup_steps', type=int, default=0,
@@ -718,6 +722,9 @@ def train(opt):
     if opt.rays_per_view < 0 or opt.lr_warmup_steps < 0 or opt.max_minutes < 0 or not 0 <= opt.lr_min_ratio <= 1:
         raise SetupError("--rays_per_view, --lr_warmup_steps and --max_minutes must be >= 0, --lr_min_ratio in "
                          "[0, 1]")
+    if not 0 <= opt.tracing_grad_steps <= opt.tracing_steps:
+        raise SetupError(f"--tracing_grad_steps must be between 0 (every step) and --tracing_steps "
+                         f"({opt.tracing_steps}), got {opt.tracing_grad_steps}")
     if opt.rays_per_view and opt.use_unet_renderer:
         raise SetupError("--rays_per_view: the U-Net renderer convolves over whole images; use 0 with it")
     if opt.rays_on_device and not opt.rays_per_view:
@@ -769,7 +776,8 @@ def train(opt):
     model = srns.SRNsModel(num_instances=train_dataset.num_instances, latent_dim=opt.embedding_size,
                            has_params=opt.has_params, fit_single_srn=opt.fit_single_srn,
                            use_unet_renderer=opt.use_unet_renderer, tracing_steps=opt.tracing_steps,
-                           freeze_networks=opt.freeze_networks, init_depth_std=opt.init_depth_std)
+                           freeze_networks=opt.freeze_networks, init_depth_std=opt.init_depth_std,
+                           tracing_grad_steps=opt.tracing_grad_steps)
     model.to(device)
     model.train()
     fused_kernels = use_fused_kernels(opt, device)

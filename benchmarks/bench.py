@@ -56,6 +56,11 @@ VARIANTS = {
     'fused_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
     'fused_budget05': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused=True),
     'fused_eager': dict(amp=torch.bfloat16, compile=False, tf32=True, fused=True),
+    # --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
+    'fast_grad3': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS,
+                       tracing_grad_steps=3),
+    'fast_grad1': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS,
+                       tracing_grad_steps=1),
 }
 
 
@@ -102,7 +107,8 @@ def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=Non
     torch._dynamo.reset()
     torch.manual_seed(0)
     device = torch.device('cuda')
-    model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10).to(device)
+    model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10,
+                           tracing_grad_steps=options.get('tracing_grad_steps', 0)).to(device)
     model.use_fused_kernels(options.get('fused', False))
     fused_adam = options['compile'] or options['amp'] is not None
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused_adam)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import custom_layers
+import geometry
 import srns
 import util
 
@@ -202,6 +203,68 @@ def test_hidden_state_gradient_is_clamped():
     depth.sum().backward()
     assert hidden[0].grad.abs().max() <= 10.  # retain_grad sees the clamped gradient
     assert marcher.lstm.weight_ih.grad is not None
+
+
+@pytest.mark.parametrize('grad_steps', [0, 1, 2, 5])
+def test_truncated_march_backpropagates_through_the_last_steps_only(grad_steps):
+    """Known answer: with a phi that ignores the points, the step-length bias moves the final points by
+    ray_dir per differentiable step, so d(sum of points)/d(bias) = (differentiable steps) x sum of ray_dirs."""
+    batch = tiny_batch()
+    marcher = custom_layers.Raymarcher(4, 5, init_depth_std=0., grad_steps=grad_steps)
+
+    def constant_phi(x):
+        return x.new_ones(*x.shape[:-1], 4)
+
+    points, _ = marcher(batch['pose'], constant_phi, batch['uv'].float(), batch['intrinsics'])
+    points.sum().backward()
+    ray_dirs = geometry.get_ray_directions(batch['uv'].float(), batch['pose'], batch['intrinsics'])
+    steps_with_grad = grad_steps or 5
+    torch.testing.assert_close(marcher.out_layer.bias.grad, steps_with_grad * ray_dirs.sum().reshape(1))
+
+
+def test_truncated_march_keeps_the_forward_and_stays_off_under_no_grad():
+    batch = tiny_batch()
+    torch.manual_seed(0)
+    full = srns.SRNsModel(3, 8, 4, init_depth_std=0.)
+    truncated = srns.SRNsModel(3, 8, 4, init_depth_std=0., tracing_grad_steps=1)
+    truncated.load_state_dict(full.state_dict())
+    all_steps = srns.SRNsModel(3, 8, 4, init_depth_std=0., tracing_grad_steps=4)
+    all_steps.load_state_dict(full.state_dict())
+
+    def gradients(model):
+        rgb, depth = model(batch)
+        (rgb.square().mean() + depth.mean()).backward()
+        return rgb.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    rgb_full, grads_full = gradients(full)
+    rgb_truncated, grads_truncated = gradients(truncated)
+    rgb_all, grads_all = gradients(all_steps)
+    assert torch.equal(rgb_full, rgb_truncated) and torch.equal(rgb_full, rgb_all)  # the same forward
+    assert grads_all.keys() == grads_full.keys() == grads_truncated.keys()
+    for name in grads_full:  # grad_steps = tracing_steps is the full backward
+        torch.testing.assert_close(grads_all[name], grads_full[name], msg=name)
+    assert not torch.allclose(grads_truncated['ray_marcher.lstm.weight_ih'], grads_full['ray_marcher.lstm.weight_ih'])
+    assert grads_truncated['ray_marcher.lstm.weight_ih'].abs().sum() > 0  # the last step still trains the LSTM
+    with torch.no_grad():
+        assert not truncated(batch)[0].requires_grad  # the last steps do not turn autograd back on
+
+    many_rays = tiny_batch(side=32)  # activations, not the hypernetwork's weights, dominate what is saved
+
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(many_rays)
+        return total[0]
+    # The activations kept for the backward: what a march of one step keeps, much less than four steps keep
+    one_step = srns.SRNsModel(3, 8, 1, init_depth_std=0.)
+    one_step.load_state_dict(full.state_dict())
+    assert saved_bytes(truncated) == saved_bytes(one_step) < 0.6 * saved_bytes(full)
+    with pytest.raises(ValueError, match='grad_steps must be >= 0'):
+        custom_layers.Raymarcher(4, 2, grad_steps=-1)
 
 
 def test_trace_holds_every_step():

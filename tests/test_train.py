@@ -254,6 +254,8 @@ def test_clear_errors_before_training(tiny_dataset, tmp_path):
     (tmp_path / 'a_file').write_text('')
     fails('not writable', logging_root=tmp_path / 'a_file' / 'logs')
     fails(r'checkpoint not found', '--checkpoint_path', str(tmp_path / 'nope.pth'))
+    fails(r'--tracing_grad_steps must be between 0 \(every step\) and --tracing_steps \(2\), got 3',
+          '--tracing_grad_steps', '3')
     fails(r'--kernels triton: .*mixed-precision path; add --fast or --amp bf16', '--kernels', 'triton')
     if not (torch.cuda.is_available() and kernels.available()):
         fails(r'--kernels triton: the fused kernels need Triton and a CUDA device \(device cpu',
@@ -434,7 +436,7 @@ def test_device_memory_check_refuses_what_does_not_fit(monkeypatch):
 def test_recipe_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, sampler):
     recipe = ('--rays_per_view', '12', '--latent_lr', '1e-3', '--lr_warmup_steps', '3', '--lr_schedule', 'cosine',
               '--lr', '2e-4', '--batch_size_per_img_sidelength', '4,3', '--num_workers', '1', '--steps_til_image', '3',
-              *(('--rays_on_device',) if sampler == 'device' else ()))
+              '--tracing_grad_steps', '1', *(('--rays_on_device',) if sampler == 'device' else ()))
     full = tmp_path / 'full'
     assert train.main(tiny_args(tiny_dataset, full, *recipe)) == 0
     reference = load(checkpoints(full)[-1])
