@@ -8,6 +8,8 @@
 
 Shape vocabulary: ``B`` observations, ``N`` pixels (rays) per observation, ``C`` feature channels of phi.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -151,10 +153,9 @@ class Raymarcher(nn.Module):
             world_coords = geometry.world_from_xy_depth(uv, depth, cam2world=cam2world, intrinsics=intrinsics)
         state = None
         trace = [depth]
-        grad_enabled = torch.is_grad_enabled()
-        first_grad_step = max(self.steps - self.grad_steps, 0) if self.grad_steps else 0
+        first_grad_step = self.steps - self.grad_steps if 0 < self.grad_steps < self.steps else 0
         for step in range(self.steps):
-            with torch.set_grad_enabled(grad_enabled and step >= first_grad_step):
+            with torch.no_grad() if step < first_grad_step else contextlib.nullcontext():
                 v = phi(world_coords)  # (B, N, C)
                 hidden, cell = self.lstm(v.reshape(-1, self.n_feature_channels), state)  # 2 x (B*N, 16)
                 state = (ClampGrad.apply(hidden), cell)

@@ -56,12 +56,9 @@ VARIANTS = {
     'fused_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
     'fused_budget05': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused=True),
     'fused_eager': dict(amp=torch.bfloat16, compile=False, tf32=True, fused=True),
-    # --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
-    'fast_grad3': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS,
-                       tracing_grad_steps=3),
-    'fast_grad1': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS,
-                       tracing_grad_steps=1),
 }
+# --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
+VARIANTS.update({f'fast_grad{k}': dict(VARIANTS['fast'], tracing_grad_steps=k) for k in (3, 1)})
 
 
 def make_batch(sidelength, batch_size, num_instances, device, seed=0, rays_per_view=None):

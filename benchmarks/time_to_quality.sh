@@ -31,8 +31,8 @@
 #                 timed run of each recipe pays the cold compilation, and the others do not). With GPUS the
 #                 recipes warm up side by side.
 #   TIME_LIMIT    seconds: take no run that would not end (its budget, plus 20 s for each evaluation, about
-#                 twice what one takes, plus four minutes for few-shot fitting) this long after the start; the runs left out are listed, and a later call
-#                 with the same arguments does them (default: no limit)
+#                 twice what one takes, plus four minutes for few-shot fitting) this long after the start; the
+#                 runs left out are listed, and a later call with the same arguments does them (default: no limit)
 set -u
 start_time=$(date +%s)
 OUT=${1:?usage: time_to_quality.sh OUT_DIR [OBJECTS] [SECONDS] [SEEDS] [RECIPES]}
