@@ -19,8 +19,9 @@ Beyond the reference (SPEC section 8):
   one GPU); the default is the reference's fp32 path;
 - ``--generate_shepard_metzler`` builds the Shepard-Metzler dataset on first use (the demo config).
 
-Host synchronisation happens only every ``--steps_til_log`` steps (scalars are buffered on the device and
-written per step in one transfer), on image/validation steps and at checkpoints.
+The per-step scalars stay on the device and travel to the host in one transfer every ``--steps_til_log`` steps,
+read one log interval late (``ScalarQueue``): the host waits for the GPU only on image and validation steps and
+at checkpoints, so the GPU keeps an interval of steps queued while TensorBoard is written.
 
 Usage: ``python train.py -c train_configs/demo.yml``; several GPUs:
 ``torchrun --nproc_per_node=4 train.py -c train_configs/cars.yml`` (the batch sizes are per GPU).
@@ -572,6 +573,47 @@ def resume_changes(stored, opt, path):
     return changed
 
 
+class ScalarQueue:
+    """The per-step scalars on their way to the host, read one log interval late.
+
+    ``push`` keeps each step's scalar vector (len(SCALAR_NAMES),) on the device. ``flush`` stacks the steps pushed
+    since the last flush into one tensor, reduces it (``reduce``: over the ranks under torchrun), starts its copy
+    to the host without waiting, and returns the window flushed the time before, which the GPU finished while the
+    last interval was being queued: the host never waits for the steps it has just queued, and the GPU stays busy
+    with them while the host writes TensorBoard. ``flush(wait=True)`` returns every step pushed so far (before a
+    checkpoint and at the end, so that no checkpoint is written past a non-finite step unseen).
+    """
+
+    def __init__(self, reduce=None):
+        self.reduce = reduce or (lambda values: values)
+        self.rows, self.steps = [], []
+        self.in_flight = []  # [(values (k, S) on the host, CUDA event or None, the k steps)], oldest first
+
+    def push(self, values, step):
+        self.rows.append(values)
+        self.steps.append(step)
+
+    def flush(self, wait=False):
+        """-> [(values (k, S) float32 on the CPU, list of their k steps, perf_counter() when they were read)]"""
+        if self.rows:
+            values = self.reduce(torch.stack(self.rows))
+            if values.is_cuda:  # into pinned memory, in stream order; read once the event has passed
+                host, event = values.to('cpu', non_blocking=True), torch.cuda.Event()
+                event.record()
+            else:
+                host, event = values.cpu(), None
+            self.in_flight.append((host, event, self.steps))
+            self.rows, self.steps = [], []
+        keep = 0 if wait else 1
+        ready, self.in_flight = self.in_flight[:len(self.in_flight) - keep], self.in_flight[len(self.in_flight) - keep:]
+        windows = []
+        for host, event, steps in ready:
+            if event is not None:
+                event.synchronize()
+            windows.append((host, steps, time.perf_counter()))
+        return windows
+
+
 # --- Distributed ----------------------------------------------------------------------------------------
 
 def reduce_scalars(values, world_size):
@@ -879,7 +921,11 @@ def train(opt):
                                 collate_fn=dataio.collate_fn)
 
     def save(path_step):
-        """Checkpoint ``checkpoints/epoch_%04d_iter_%06d.pth`` (collective under torchrun: RNG states)."""
+        """Checkpoint ``checkpoints/epoch_%04d_iter_%06d.pth`` (collective under torchrun: RNG states), after
+        reading every step's scalars: a state past a non-finite loss is never written."""
+        bad = flush_scalars(wait=True)
+        if any_rank(bad is not None, device, world_size):
+            fail_non_finite(bad)
         states = [rng_state()]
         if world_size > 1:
             states = [None] * world_size
@@ -927,33 +973,29 @@ def train(opt):
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=min(step, total_steps), dynamic_ncols=True, unit='step',
                         smoothing=0.1, mininterval=1.0)
-    buffered, buffered_steps = [], []
+    scalars = ScalarQueue(lambda values: reduce_scalars(values, world_size))
     loader, loader_iter, sampler, stage = None, None, None, None
     exit_code, last_checkpoint = 0, None
 
-    timer = {'time': None, 'step': None}  # wall clock at the last flush, for steps_per_second
+    timer = {'time': None, 'step': None}  # the last window read: when, and the step after it (steps_per_second)
 
-    def flush_scalars():
-        """One host sync: write the buffered per-step scalars (reduced over ranks under torchrun) and the
-        throughput since the last flush; return the first non-finite step, if any."""
-        if not buffered:
-            return None
-        values = reduce_scalars(torch.stack(buffered), world_size).cpu()  # (k, len(SCALAR_NAMES))
-        now = time.perf_counter()
-        if writer is not None and timer['time'] is not None and step > timer['step']:
-            writer.add_scalar('steps_per_second', (step - timer['step']) / (now - timer['time']), step)
-        timer['time'], timer['step'] = now, step
+    def flush_scalars(wait=False):
+        """Write the per-step scalars that have reached the host (every one pushed, with ``wait``) and the
+        throughput between log steps; return the first non-finite step among them, if any."""
         bad = None
-        for row, logged_step in zip(values, buffered_steps):
-            if not torch.isfinite(row[:4]).all():
-                bad = bad or (logged_step, dict(zip(SCALAR_NAMES[:4], row[:4].tolist())))
-            if writer is not None:
-                for name, value in zip(SCALAR_NAMES, row.tolist()):
-                    writer.add_scalar(name, value, logged_step)
-        if progress is not None:
-            progress.set_postfix(loss=f"{values[-1, 3].item():.4g}", stage=stage, refresh=False)
-        buffered.clear()
-        buffered_steps.clear()
+        for values, steps, now in scalars.flush(wait):  # values (k, len(SCALAR_NAMES))
+            end = steps[-1] + 1
+            if writer is not None and timer['time'] is not None and end > timer['step']:
+                writer.add_scalar('steps_per_second', (end - timer['step']) / (now - timer['time']), end)
+            timer['time'], timer['step'] = now, end
+            for row, logged_step in zip(values, steps):
+                if not torch.isfinite(row[:4]).all():
+                    bad = bad or (logged_step, dict(zip(SCALAR_NAMES[:4], row[:4].tolist())))
+                if writer is not None:
+                    for name, value in zip(SCALAR_NAMES, row.tolist()):
+                        writer.add_scalar(name, value, logged_step)
+            if progress is not None:
+                progress.set_postfix(loss=f"{values[-1, 3].item():.4g}", stage=stage, refresh=False)
         return bad
 
     def fail_non_finite(bad):
@@ -1034,8 +1076,7 @@ def train(opt):
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             losses = train_step(train_model, optimizer, model_input, ground_truth, loss_weights, amp_dtype)
-            buffered.append(step_scalars(losses, model, model_input, ground_truth, loss_weights))
-            buffered_steps.append(step)
+            scalars.push(step_scalars(losses, model, model_input, ground_truth, loss_weights), step)
 
             if writer is not None and step % opt.steps_til_image == 0:
                 if opt.rays_per_view:  # a batch of scattered rays makes no picture: render whole training views
@@ -1092,9 +1133,7 @@ def train(opt):
             if step % opt.steps_til_ckpt == 0 and step < total_steps:
                 last_checkpoint = save(step)
         else:
-            if flush_scalars() is not None:
-                fail_non_finite(None)
-            last_checkpoint = save(step)
+            last_checkpoint = save(step)  # reads every step's scalars first
             if is_main:
                 quality = ''
                 if val_loader is not None:  # the final model's quality, whatever steps_til_val is

@@ -179,6 +179,24 @@ def test_bf16_autocast_switch(tiny_dataset, tmp_path):
                for value in final['model'].values() if value.is_floating_point())
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the copy through pinned memory needs a CUDA GPU"))])
+def test_scalar_queue_reads_one_interval_late(device):
+    queue = train.ScalarQueue(reduce=lambda values: 2 * values)
+    for step in range(3):
+        queue.push(torch.full((2,), float(step), device=device), step)
+    assert queue.flush() == []  # the window just queued is not waited for
+    for step in range(3, 5):
+        queue.push(torch.full((2,), float(step), device=device), step)
+    ((values, steps, _),) = queue.flush()  # the window before it
+    assert steps == [0, 1, 2] and values.device.type == 'cpu'
+    assert values.tolist() == [[0., 0.], [2., 2.], [4., 4.]]  # reduced
+    assert queue.flush() == []
+    ((values, steps, _),) = queue.flush(wait=True)  # everything pushed
+    assert steps == [3, 4] and values.tolist() == [[6., 6.], [8., 8.]]
+    assert queue.flush(wait=True) == []
+
+
 def test_non_finite_loss_stops_without_a_bad_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     real_losses, calls = train.srns.compute_losses, []
 
@@ -193,6 +211,11 @@ def test_non_finite_loss_stops_without_a_bad_checkpoint(tiny_dataset, tmp_path, 
     with pytest.raises(SystemExit, match=r'non-finite loss at step 3 .*total_loss nan'):
         train.main(tiny_args(tiny_dataset, tmp_path, '--steps_til_ckpt', '2', '--no_validation'))
     assert [p.name for p in checkpoints(tmp_path)] == ['epoch_0000_iter_000002.pth']
+    # Without a checkpoint due, the scalars read one log interval late still stop it, naming the same step.
+    calls.clear()
+    with pytest.raises(SystemExit, match=r'non-finite loss at step 3 .*total_loss nan'):
+        train.main(tiny_args(tiny_dataset, tmp_path / 'late', '--steps_til_ckpt', '1000', '--no_validation'))
+    assert checkpoints(tmp_path / 'late') == []
 
 
 # --- Loading checkpoints, few-shot fitting ---------------------------------------------------------
