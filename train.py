@@ -604,8 +604,8 @@ class ScalarQueue:
                 host, event = values.cpu(), None
             self.in_flight.append((host, event, self.steps))
             self.rows, self.steps = [], []
-        keep = 0 if wait else 1
-        ready, self.in_flight = self.in_flight[:len(self.in_flight) - keep], self.in_flight[len(self.in_flight) - keep:]
+        split = len(self.in_flight) if wait else max(len(self.in_flight) - 1, 0)  # the newest stays in flight
+        ready, self.in_flight = self.in_flight[:split], self.in_flight[split:]
         windows = []
         for host, event, steps in ready:
             if event is not None:
