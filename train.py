@@ -584,8 +584,8 @@ class ScalarQueue:
     checkpoint and at the end, so that no checkpoint is written past a non-finite step unseen).
     """
 
-    def __init__(self, reduce=None):
-        self.reduce = reduce or (lambda values: values)
+    def __init__(self, reduce):
+        self.reduce = reduce  # (k, S) on the device -> (k, S) on the device
         self.rows, self.steps = [], []
         self.in_flight = []  # [(values (k, S) on the host, CUDA event or None, the k steps)], oldest first
 
