@@ -388,6 +388,25 @@ class SceneClassDataset(Dataset):
 
     collate_fn = staticmethod(collate_fn)
 
+    def rgb(self, idx):
+        """The image of observation ``idx`` as served: float32 (s, s, 3) in [-1, 1] (``rgb`` of an item, unflattened)."""
+        obj_idx, rel_idx = self.get_instance_idx(idx)
+        return self.all_instances[obj_idx]._rgb(rel_idx)
+
+    def observation_fields(self):
+        """Every observation's fields but ``rgb`` and ``uv``, stacked in item order without decoding an image:
+        ``instance_idx (V,)``, ``pose (V, 4, 4)``, ``param (V, P)``, ``intrinsics (V, 4, 4)``, each equal to
+        ``collate_fn`` over all items (with ``samples_per_instance=1``)."""
+        no_param = torch.tensor([0.])
+        fields = {'instance_idx': [], 'pose': [], 'param': [], 'intrinsics': []}
+        for obj in self.all_instances:
+            fields['instance_idx'].append(torch.full((len(obj),), float(obj.instance_idx)))
+            fields['pose'].append(obj.poses)
+            fields['param'].append(torch.stack(obj.params) if obj.params is not None and len(obj)
+                                   else no_param.expand(len(obj), 1))
+            fields['intrinsics'].append(obj._intrinsics(obj.img_sidelength).expand(len(obj), 4, 4))
+        return {key: torch.cat(values) for key, values in fields.items()}
+
     def __getitem__(self, idx):
         obj_idx, rel_idx = self.get_instance_idx(idx)
         instance = self.all_instances[obj_idx]
@@ -452,6 +471,22 @@ def shutdown_workers(loader_iter):
         shutdown()
 
 
+class _ImageBlocks(Dataset):
+    """The images of a ``SceneClassDataset`` as served, in blocks of ``block_size`` consecutive observations:
+    item b is float32 (n, s, s, 3) of observations b·block_size onwards. What DataLoader workers return when
+    ``DeviceRays`` decodes a dataset: one tensor per block crosses to the main process, not seven per view."""
+
+    def __init__(self, dataset, block_size=64):
+        self.dataset, self.block_size = dataset, block_size
+
+    def __len__(self):
+        return -(-len(self.dataset) // self.block_size)
+
+    def __getitem__(self, b):
+        views = range(b * self.block_size, min((b + 1) * self.block_size, len(self.dataset)))
+        return torch.from_numpy(np.stack([self.dataset.rgb(i) for i in views]))
+
+
 class DeviceRays:
     """``RandomRays`` batches drawn on the training device from the whole dataset held there.
 
@@ -474,6 +509,8 @@ class DeviceRays:
     :param worker_init_fn: passed to that DataLoader
     """
 
+    block_size = 64  # views per DataLoader item when decoding
+
     def __init__(self, dataset, rays_per_view, device, seed=0, num_workers=0, worker_init_fn=None):
         if rays_per_view < 1:
             raise ValueError(f"rays_per_view must be >= 1, got {rays_per_view}")
@@ -493,32 +530,26 @@ class DeviceRays:
         """Decode every observation at the new side length into device tensors (the old ones are freed first)."""
         self.dataset.set_img_sidelength(new_img_sidelength)
         self.tensors = None
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=256, shuffle=False,
-                                             num_workers=self.num_workers, collate_fn=collate_fn,
+        if not len(self):
+            raise ValueError(f"{self.dataset.root_dir}: no observations to draw rays from")
+        tensors = {key: value.to(self.device) for key, value in self.dataset.observation_fields().items()}
+        blocks = _ImageBlocks(self.dataset, self.block_size)
+        loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=self.num_workers,
                                              worker_init_fn=self.worker_init_fn if self.num_workers else None,
                                              generator=torch.Generator())  # leaves the global RNG untouched
-        batches = iter(loader)
+        rgb, views = None, iter(loader)
         try:
-            self.tensors = self._stack(batches)
+            for b, images in enumerate(views):  # (n, s, s, 3) float32, in order
+                if rgb is None:
+                    side = images.shape[1]
+                    rgb = torch.empty(len(self), side * side, 3, dtype=torch.float16, device=self.device)
+                    tensors['uv'] = _uv(side).to(self.device)
+                start = b * blocks.block_size
+                rgb[start:start + len(images)] = images.flatten(1, 2).to(self.device)
         finally:  # also on a corrupt image: workers that ignore SIGTERM would otherwise hang the exit
-            shutdown_workers(batches)
-
-    def _stack(self, batches):
-        """The loader's batches of whole observations, stacked into one tensor per field on the device: (V, ...)
-        for every field of a sample but ``uv``, which is the same (P, 2) grid for every view; images in float16."""
-        tensors, start = None, 0
-        for observations, _ in batches:
-            if tensors is None:
-                tensors = {key: torch.empty(len(self.dataset), *observations[key].shape[1:], device=self.device,
-                                            dtype=torch.float16 if key == 'rgb' else observations[key].dtype)
-                           for key in ('rgb', 'pose', 'intrinsics', 'instance_idx', 'param')}
-                tensors['uv'] = observations['uv'][0].to(self.device)
-            end = start + len(observations['rgb'])
-            for key, stacked in tensors.items():
-                if key != 'uv':
-                    stacked[start:end] = observations[key].to(self.device)
-            start = end
-        return tensors
+            shutdown_workers(views)
+        tensors['rgb'] = rgb
+        self.tensors = tensors
 
     def batch(self, keys, first_key):
         """One batch: (observation dict, ground-truth dict) on the device.

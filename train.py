@@ -110,7 +110,8 @@ def get_parser():
     g.add_argument('--device', type=str, default=None, help='cuda or cpu (default: cuda when available).')
     g.add_argument('--seed', type=int, default=0, help='Seeds the initial weights, data order and depth noise.')
     g.add_argument('--num_workers', type=int, default=None,
-                   help='DataLoader worker processes (default: 4 on CUDA, 0 on the CPU).')
+                   help='DataLoader worker processes (default: 4 on CUDA, 0 on the CPU; for the one decoding pass '
+                        'per stage of --rays_on_device, one per core up to 16 on CUDA).')
     g.add_argument('--amp', choices=('none', 'bf16'), default='none',
                    help='Mixed precision: bf16 autocast around forward and losses (default: fp32).')
     g.add_argument('--compile', action='store_true', default=False,
@@ -904,8 +905,11 @@ def train(opt):
     num_workers = opt.num_workers if opt.num_workers is not None else (4 if device.type == 'cuda' else 0)
     train_items, device_rays = train_dataset, None
     if opt.rays_on_device:
+        # decoded once per stage: a worker per core (at most 16) unless --num_workers says otherwise
+        decoders = opt.num_workers if opt.num_workers is not None else (
+            min(16, os.cpu_count() or 1) if device.type == 'cuda' else 0)
         device_rays = dataio.DeviceRays(train_dataset, opt.rays_per_view, device, seed=opt.seed + 7919 * rank,
-                                        num_workers=num_workers, worker_init_fn=ignore_interrupts)
+                                        num_workers=decoders, worker_init_fn=ignore_interrupts)
         check_device_memory(device, dataio.DeviceRays.nbytes(len(train_dataset), max(sidelengths)),
                             f"--rays_on_device: the {len(train_dataset)} training views at {max(sidelengths)} px")
     elif opt.rays_per_view:

@@ -372,3 +372,21 @@ def test_well_formed_dataset_opens_without_warnings(tmp_path):
         warnings.simplefilter("error")
         dataio.SceneClassDataset(str(root), img_sidelength=4)
         dataio.SceneInstanceDataset(0, str(root / "obj_00"), img_sidelength=16)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_device_rays_hold_what_the_loader_serves(tmp_path, num_workers):
+    """DeviceRays decodes the views in blocks (in worker processes or not) and stacks the other fields without
+    decoding: the same tensors as collate_fn over every item, rgb rounded to float16, across block boundaries."""
+    root = make_dataset(tmp_path / "data", num_instances=3, num_views=5, side=8, params=True)
+    dataset = dataio.SceneClassDataset(str(root), img_sidelength=4, max_observations_per_instance=4,
+                                       samples_per_instance=1)
+    rays = dataio.DeviceRays(dataset, rays_per_view=5, device="cpu", num_workers=num_workers)
+    rays.block_size = 5  # 12 views: blocks of 5, 5 and 2
+    rays.set_img_sidelength(4)
+    everything, _ = dataio.collate_fn([dataset[i] for i in range(len(dataset))])
+    for key in ("pose", "intrinsics", "instance_idx", "param"):
+        assert rays.tensors[key].dtype == everything[key].dtype and torch.equal(rays.tensors[key], everything[key])
+    assert torch.equal(rays.tensors["rgb"], everything["rgb"].half())
+    assert torch.equal(rays.tensors["uv"], everything["uv"][0])
+    assert rays.tensors["instance_idx"].tolist() == [0.] * 4 + [1.] * 4 + [2.] * 4
