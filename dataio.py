@@ -389,7 +389,7 @@ class SceneClassDataset(Dataset):
     collate_fn = staticmethod(collate_fn)
 
     def rgb(self, idx):
-        """The image of observation ``idx`` as served: float32 (s, s, 3) in [-1, 1] (``rgb`` of an item, unflattened)."""
+        """The image of observation ``idx`` as served: float32 (s, s, 3) in [-1, 1], an item's ``rgb`` unflattened."""
         obj_idx, rel_idx = self.get_instance_idx(idx)
         return self.all_instances[obj_idx]._rgb(rel_idx)
 
