@@ -1,0 +1,25 @@
+"""The measurement helpers of benchmarks/ that compute a number from a run: known answers."""
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
+import plateau  # noqa: E402
+
+
+def test_escape_step_is_the_first_step_that_stays_below_the_threshold():
+    steps = [0, 10, 20, 30, 40, 50, 60]
+    losses = [400., 62., 40., 63., 31., 30., 29.]  # a dip at step 20 that does not last
+    assert plateau.escape_step(steps, losses, threshold=45., hold=2) == 40
+    assert plateau.escape_step(steps, losses, threshold=45., hold=0) == 20
+    assert plateau.escape_step(steps, losses, threshold=25., hold=0) is None
+    assert plateau.escape_step(steps, losses, threshold=45., hold=3) is None  # step 40 is followed by only two
+
+
+def test_a_variant_is_a_name_and_train_flags():
+    assert plateau.parse_variant('fast=') == ('fast', [])
+    assert plateau.parse_variant('rays=--rays_per_view 128 --lr "3e-4"') == ('rays', ['--rays_per_view', '128',
+                                                                                   '--lr', '3e-4'])
+    with pytest.raises(SystemExit, match='expected NAME=FLAGS'):
+        plateau.parse_variant('--lr 1e-4')
