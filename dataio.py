@@ -476,7 +476,7 @@ class _ImageBlocks(Dataset):
     item b is float32 (n, s, s, 3) of observations b·block_size onwards. What DataLoader workers return when
     ``DeviceRays`` decodes a dataset: one tensor per block crosses to the main process, not seven per view."""
 
-    def __init__(self, dataset, block_size=64):
+    def __init__(self, dataset, block_size):
         self.dataset, self.block_size = dataset, block_size
 
     def __len__(self):
