@@ -5,7 +5,9 @@ TensorBoard's ``scaled_distortion_loss``) then stays near its starting value unt
 pixels appear, after which it falls by about half within a few dozen steps. How long that takes varies from run
 to run (benchmarks/NOTES.md, "Quality per minute, round 5"), and in a one-minute budget it decides the result.
 This script trains short runs of each variant and reports, per run, the first logged step at which the loss is
-below ``--threshold`` and stays below it for the next ``--hold`` logged steps.
+below ``--threshold`` and stays below it for the next ``--hold`` logged steps, and the step at which it fell back
+onto the plateau if it did (the loss at or above the threshold for as long; a learning rate too high for the
+model does this).
 
     python benchmarks/plateau.py OUT_DIR --data_root sm500/train --runs 4 --steps 1500 \\
         --variant fast= --variant "no_warmup=--lr_warmup_steps 0" --variant "rays128=--rays_per_view 128 \\
@@ -34,13 +36,27 @@ from benchmarks.compare_runs import read_scalars  # noqa: E402
 LOSS_TAG = 'scaled_distortion_loss'
 
 
-def escape_step(steps, losses, threshold, hold):
-    """The first step whose loss and the next ``hold`` logged losses are all below ``threshold``; None if none."""
-    below = np.asarray(losses) < threshold
-    for i in range(len(below) - hold):
-        if below[i:i + hold + 1].all():
+def _first_lasting(steps, condition, hold, after=None):
+    """The first step (after ``after``, if given) at which ``condition`` holds there and for the next ``hold``
+    logged steps; None if there is none."""
+    for i in range(len(condition) - hold):
+        if (after is None or steps[i] > after) and condition[i:i + hold + 1].all():
             return int(steps[i])
     return None
+
+
+def escape_step(steps, losses, threshold, hold):
+    """The first step whose loss and the next ``hold`` logged losses are all below ``threshold``; None if none."""
+    return _first_lasting(steps, np.asarray(losses) < threshold, hold)
+
+
+def relapse_step(steps, losses, threshold, hold):
+    """After the escape, the first step whose loss and the next ``hold`` logged losses are all back at or above
+    ``threshold`` (the run fell back onto the plateau); None if it never did, or never left it."""
+    escaped = escape_step(steps, losses, threshold, hold)
+    if escaped is None:
+        return None
+    return _first_lasting(steps, np.asarray(losses) >= threshold, hold, after=escaped)
 
 
 def parse_variant(text):
@@ -85,23 +101,28 @@ def main(argv=None):
 
     results = {}
     for name, flags in variants:
-        escapes = []
+        escapes, relapses = [], []
         for seed in range(args.runs):
             run = out / f"{name}_seed{seed}"
             train_run(run, args.config, args.data_root, args.steps, seed, shlex.split(args.train_flags), flags)
             steps, losses = read_scalars(run)[LOSS_TAG]
             escapes.append(escape_step(steps, losses, args.threshold, args.hold))
-            print(f"{name} seed {seed}: left the plateau at step {escapes[-1]} "
+            relapses.append(relapse_step(steps, losses, args.threshold, args.hold))
+            fell_back = f", fell back onto it at step {relapses[-1]}" if relapses[-1] is not None else ''
+            print(f"{name} seed {seed}: left the plateau at step {escapes[-1]}{fell_back} "
                   f"(loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})", flush=True)
         left = [step for step in escapes if step is not None]
-        results[name] = {'flags': flags, 'escape_steps': escapes,
+        results[name] = {'flags': flags, 'escape_steps': escapes, 'relapse_steps': relapses,
                          'median': statistics.median(left) if len(left) == len(escapes) else None}
 
-    print("\n| variant | flags | runs | left the plateau at step (per seed) | median |\n|---|---|---|---|---|")
+    print("\n| variant | flags | runs | left the plateau at step (per seed) | median | fell back onto it at step |"
+          "\n|---|---|---|---|---|---|")
     for name, result in results.items():
         shown = ', '.join('never' if step is None else str(step) for step in result['escape_steps'])
         median = result['median'] if result['median'] is not None else f"> {args.steps} in some"
-        print(f"| {name} | `{' '.join(result['flags'])}` | {len(result['escape_steps'])} | {shown} | {median} |")
+        fell_back = ', '.join('-' if step is None else str(step) for step in result['relapse_steps'])
+        print(f"| {name} | `{' '.join(result['flags'])}` | {len(result['escape_steps'])} | {shown} | {median} "
+              f"| {fell_back} |")
     (out / 'plateau.json').write_text(json.dumps({'threshold': args.threshold, 'hold': args.hold,
                                                   'steps': args.steps, 'variants': results}, indent=1))
 

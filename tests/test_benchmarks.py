@@ -17,6 +17,17 @@ def test_escape_step_is_the_first_step_that_stays_below_the_threshold():
     assert plateau.escape_step(steps, losses, threshold=45., hold=3) is None  # step 40 is followed by only two
 
 
+def test_relapse_step_is_the_first_lasting_return_to_the_plateau_after_the_escape():
+    steps = [0, 10, 20, 30, 40, 50, 60, 70, 80]
+    losses = [400., 62., 30., 29., 50., 28., 61., 62., 62.]  # left at 20; a spike at 40; back on it from 60
+    assert plateau.escape_step(steps, losses, threshold=45., hold=1) == 20
+    assert plateau.relapse_step(steps, losses, threshold=45., hold=1) == 60
+    assert plateau.relapse_step(steps, losses, threshold=45., hold=0) == 40
+    assert plateau.relapse_step(steps, losses, threshold=45., hold=3) is None  # step 60 is followed by only two
+    assert plateau.relapse_step(steps, [400., 62., 61., 62.], threshold=45., hold=1) is None  # never left it
+    assert plateau.relapse_step(steps[:4], [400., 62., 30., 29.], threshold=45., hold=1) is None  # stayed off
+
+
 def test_a_variant_is_a_name_and_train_flags():
     assert plateau.parse_variant('fast=') == ('fast', [])
     assert plateau.parse_variant('rays=--rays_per_view 128 --lr "3e-4"') == ('rays', ['--rays_per_view', '128',
