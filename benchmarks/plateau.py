@@ -16,7 +16,8 @@ model does this).
 Each variant is ``NAME=FLAGS``: train.py flags added after ``-c CONFIG --fast`` (``--train_flags`` replaces
 ``--fast``, e.g. ``--device cpu`` for a trial without a GPU). Run k of every variant uses ``--seed k``. Runs are kept
 in OUT_DIR/NAME_seedK (a run that finished there before is read, not trained again); the table goes to
-stdout and OUT_DIR/plateau.json.
+stdout and OUT_DIR/plateau.json. ``--read RUN_DIR ...`` trains nothing and prints the same for runs that exist
+(benchmarks/time_to_quality.sh does this for each of its runs).
 """
 import argparse
 import json
@@ -59,6 +60,14 @@ def relapse_step(steps, losses, threshold, hold):
     return _first_lasting(steps, np.asarray(losses) >= threshold, hold, after=escaped)
 
 
+def describe(steps, losses, threshold, hold):
+    """One run's escape and relapse in words, with its first and last logged loss."""
+    relapse = relapse_step(steps, losses, threshold, hold)
+    fell_back = f", fell back onto it at step {relapse}" if relapse is not None else ''
+    return (f"left the plateau at step {escape_step(steps, losses, threshold, hold)}{fell_back} "
+            f"(loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})")
+
+
 def parse_variant(text):
     name, sep, flags = text.partition('=')
     if not sep or not name or '/' in name:
@@ -82,8 +91,10 @@ def train_run(run, config, data_root, steps, seed, train_flags, flags):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('out_dir')
-    parser.add_argument('--data_root', required=True)
+    parser.add_argument('out_dir', nargs='?')
+    parser.add_argument('--data_root')
+    parser.add_argument('--read', nargs='+', default=None, metavar='RUN_DIR',
+                        help='train nothing: one line per finished train.py run (its event files) instead')
     parser.add_argument('--config', default='train_configs/shepard_metzler_fast.yml')
     parser.add_argument('--train_flags', default='--fast', help="flags before each variant's (default --fast)")
     parser.add_argument('--variant', action='append', default=None, metavar='NAME=FLAGS',
@@ -95,6 +106,13 @@ def main(argv=None):
                              'Shepard-Metzler at 64 px, and falls to ~31 just after)')
     parser.add_argument('--hold', type=int, default=3, help='logged steps the loss must stay below it')
     args = parser.parse_args(argv)
+    if args.read:
+        for run in args.read:
+            steps, losses = read_scalars(run)[LOSS_TAG]
+            print(f"{pathlib.Path(run).name}: {describe(steps, losses, args.threshold, args.hold)}", flush=True)
+        return
+    if args.out_dir is None or args.data_root is None:
+        parser.error('OUT_DIR and --data_root are needed (or --read RUN_DIR ...)')
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(text) for text in (args.variant or ['fast='])]
@@ -108,9 +126,7 @@ def main(argv=None):
             steps, losses = read_scalars(run)[LOSS_TAG]
             escapes.append(escape_step(steps, losses, args.threshold, args.hold))
             relapses.append(relapse_step(steps, losses, args.threshold, args.hold))
-            fell_back = f", fell back onto it at step {relapses[-1]}" if relapses[-1] is not None else ''
-            print(f"{name} seed {seed}: left the plateau at step {escapes[-1]}{fell_back} "
-                  f"(loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})", flush=True)
+            print(f"{name} seed {seed}: {describe(steps, losses, args.threshold, args.hold)}", flush=True)
         left = [step for step in escapes if step is not None]
         results[name] = {'flags': flags, 'escape_steps': escapes, 'relapse_steps': relapses,
                          'median': statistics.median(left) if len(left) == len(escapes) else None}

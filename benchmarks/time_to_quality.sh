@@ -13,7 +13,8 @@
 # (train.py --save_at_minutes); the fast recipe's decay follows its budget, so it trains once per budget.
 # GPU time per object count and seed, for budgets 60, 150 and 300 s: 300 + 510 s of training, plus evaluation.
 # Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and OUT_DIR/time_to_quality.png (held-out PSNR
-# against seconds; needs matplotlib).
+# against seconds; needs matplotlib), and prints for each training run the step at which its loss left the plateau
+# at the start, and fell back onto it if it did (benchmarks/plateau.py --read).
 #
 # Environment:
 #   TRAIN_FLAGS   replaces the flags both recipes add (default --fast), e.g. "--device cpu" for a trial without a GPU
@@ -57,6 +58,10 @@ evaluate() {  # evaluate RUN_NAME CHECKPOINT STEPS: held-out PSNR of one checkpo
   echo "$name: $steps steps; held-out PSNR, SSIM $(cat "$OUT/${name}_test/results.txt" 2>/dev/null || echo failed)"
 }
 
+plateau() {  # plateau RUN_DIR: when the run left the plateau at its start (benchmarks/plateau.py), one line
+  "$PYTHON" benchmarks/plateau.py --read "$1" 2>/dev/null || echo "$(basename "$1"): no scaled_distortion_loss read"
+}
+
 fitted_seed() { [ "$FEWSHOT" -gt 0 ] && [[ " $FEWSHOT_SEEDS " == *" $1 "* ]]; }  # fitted_seed SEED: FEWSHOT fits its models
 
 fewshot() {  # fewshot RUN_NAME CHECKPOINT: one- and two-shot fitting on the unseen objects, OUT_DIR/RUN_NAME_<k>shot_test
@@ -96,6 +101,7 @@ run_job() {  # run_job SEED RECIPE SECONDS: one training run and its evaluations
     run=$OUT/${objects}_reference_run_seed$seed
     smaller=$(for budget in $BUDGETS; do [ "$budget" -lt "$largest" ] && "$PYTHON" -c "print($budget / 60)"; done | paste -sd,)
     train "$run" "$(config_of reference)" "$largest" ${smaller:+--save_at_minutes "$smaller"}
+    plateau "$run"
     for budget in $BUDGETS; do
       if [ "$budget" = "$largest" ]; then
         line=$(grep -o 'Done: [0-9]* steps.*final checkpoint .*' "$run.log" | tail -1)
@@ -117,6 +123,7 @@ run_job() {  # run_job SEED RECIPE SECONDS: one training run and its evaluations
   # A schedule that follows the budget (cosine decay): one run per budget.
   name=${objects}_${recipe}_${budget}s_seed$seed
   train "$OUT/$name" "$(config_of "$recipe")" "$budget"
+  plateau "$OUT/$name"
   evaluate "$name" "$OUT/$name/checkpoints" "$(grep -o 'Done: [0-9]* steps' "$OUT/$name.log" | tail -1 | grep -oE '[0-9]+')"
   [ "$budget" = "$largest" ] && fewshot "$name" "$OUT/$name/checkpoints"
 }

@@ -34,3 +34,16 @@ def test_a_variant_is_a_name_and_train_flags():
                                                                                    '--lr', '3e-4'])
     with pytest.raises(SystemExit, match='expected NAME=FLAGS'):
         plateau.parse_variant('--lr 1e-4')
+
+
+def test_read_describes_a_finished_run_from_its_event_files(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+    run = tmp_path / 'fast_60s_seed0'
+    with SummaryWriter(str(run)) as writer:
+        for step, loss in zip(range(0, 90, 10), [400., 62., 30., 29., 28., 61., 62., 62., 62.]):
+            writer.add_scalar(plateau.LOSS_TAG, loss, step)
+    plateau.main(['--read', str(run), '--hold', '1'])
+    assert capsys.readouterr().out == ("fast_60s_seed0: left the plateau at step 20, fell back onto it at step 50 "
+                                       "(loss 400.0 at step 0, 62.0 at step 80)\n")
+    with pytest.raises(SystemExit):
+        plateau.main([])  # neither OUT_DIR and --data_root nor --read
