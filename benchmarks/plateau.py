@@ -60,11 +60,10 @@ def relapse_step(steps, losses, threshold, hold):
     return _first_lasting(steps, np.asarray(losses) >= threshold, hold, after=escaped)
 
 
-def describe(steps, losses, threshold, hold):
-    """One run's escape and relapse in words, with its first and last logged loss."""
-    relapse = relapse_step(steps, losses, threshold, hold)
+def describe(steps, losses, escape, relapse):
+    """One run's escape and relapse steps in words, with its first and last logged loss."""
     fell_back = f", fell back onto it at step {relapse}" if relapse is not None else ''
-    return (f"left the plateau at step {escape_step(steps, losses, threshold, hold)}{fell_back} "
+    return (f"left the plateau at step {escape}{fell_back} "
             f"(loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})")
 
 
@@ -109,7 +108,8 @@ def main(argv=None):
     if args.read:
         for run in args.read:
             steps, losses = read_scalars(run)[LOSS_TAG]
-            print(f"{pathlib.Path(run).name}: {describe(steps, losses, args.threshold, args.hold)}", flush=True)
+            escape, relapse = (step(steps, losses, args.threshold, args.hold) for step in (escape_step, relapse_step))
+            print(f"{pathlib.Path(run).name}: {describe(steps, losses, escape, relapse)}", flush=True)
         return
     if args.out_dir is None or args.data_root is None:
         parser.error('OUT_DIR and --data_root are needed (or --read RUN_DIR ...)')
@@ -126,7 +126,7 @@ def main(argv=None):
             steps, losses = read_scalars(run)[LOSS_TAG]
             escapes.append(escape_step(steps, losses, args.threshold, args.hold))
             relapses.append(relapse_step(steps, losses, args.threshold, args.hold))
-            print(f"{name} seed {seed}: {describe(steps, losses, args.threshold, args.hold)}", flush=True)
+            print(f"{name} seed {seed}: {describe(steps, losses, escapes[-1], relapses[-1])}", flush=True)
         left = [step for step in escapes if step is not None]
         results[name] = {'flags': flags, 'escape_steps': escapes, 'relapse_steps': relapses,
                          'median': statistics.median(left) if len(left) == len(escapes) else None}
