@@ -180,17 +180,25 @@ if triton is not None:
                                       ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY,
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS,
                                   C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        """dW = dpre^T @ relu(x) (B, C, C) and db = sum of dpre over rows (B, C), for one (BLOCK_N, BLOCK_K) tile."""
-        pid_n, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for one (BLOCK_N, BLOCK_K) tile of one split.
+
+        The rows of an observation are split into S = cdiv(N, SPLIT_ROWS) runs of SPLIT_ROWS (a multiple of
+        BLOCK_R), one program each, so that there are enough programs to fill the GPU; program 2 counts
+        (observation, split) pairs, and each writes its split's share: (B, S, C, C) and (B, S, C), which the
+        caller sums (with S = 1 the gradients themselves).
+        """
+        pid_n, pid_k, part = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        b = part // tl.cdiv(N, SPLIT_ROWS)
+        first = (part % tl.cdiv(N, SPLIT_ROWS)) * SPLIT_ROWS
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r0 in range(0, N, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
+        for r0 in range(0, SPLIT_ROWS, BLOCK_R):
+            rs = first + r0 + tl.arange(0, BLOCK_R)
             row_ok = rs < N
             dpre_t = tl.load(dpre_ptr + b * N * C + rs[None, :] * C + ns[:, None], mask=row_ok[None, :],
                              other=0.)  # (BLOCK_N, BLOCK_R)
@@ -199,9 +207,9 @@ if triton is not None:
             acc = tl.dot(dpre_t, x, acc, input_precision=PRECISION)
             if pid_k == 0:
                 bias_acc += tl.sum(dpre_t.to(tl.float32), axis=1)
-        tl.store(dw_ptr + b * C * C + ns[:, None] * C + ks[None, :], acc.to(dw_ptr.dtype.element_ty))
+        tl.store(dw_ptr + part * C * C + ns[:, None] * C + ks[None, :], acc.to(dw_ptr.dtype.element_ty))
         if pid_k == 0:
-            tl.store(db_ptr + b * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
+            tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
     @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
                                       ({'BLOCK_M': 64}, 8, 1)),
@@ -245,6 +253,10 @@ if triton is not None:
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
+# Rows per program in the hidden layers' weight gradients (a multiple of every candidate's BLOCK_R): at 64 px
+# (B 64, N 4096) one program per observation and tile would give 256 programs for the GPU's 132 multiprocessors,
+# each running over 4096 rows; splitting them gives 4x as many, and the shares are summed in float32.
+WEIGHT_ROWS = 1024
 
 
 def _launch(kernel):
@@ -299,6 +311,28 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
     return [out, *xhats, *rstds]
 
 
+def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
+    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C)."""
+    batch_size, num_points, channels = dpre.shape
+    split_rows = split_rows or WEIGHT_ROWS
+    assert split_rows % 64 == 0, "rows per split must be whole steps of every candidate's BLOCK_R"
+    splits = triton.cdiv(num_points, split_rows)
+    if splits == 1:
+        split_rows = triton.cdiv(num_points, 64) * 64  # one run over all rows, in whole BLOCK_R steps
+    share_dtype = dtype if splits == 1 else torch.float32
+    dw = torch.empty(batch_size * splits, channels, channels, device=dpre.device, dtype=share_dtype)
+    db = torch.empty(batch_size * splits, channels, device=dpre.device, dtype=share_dtype)
+
+    def grid(meta):
+        return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size * splits)
+    _launch(_hidden_layer_bwd_weights)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels,
+                                             PRECISION=_precision(dtype))
+    if splits == 1:
+        return dw, db
+    return (dw.view(batch_size, splits, channels, channels).sum(1).to(dtype),
+            db.view(batch_size, splits, channels).sum(1).to(dtype))
+
+
 def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output."""
     batch_size, num_points, channels = grad_v.shape
@@ -315,13 +349,7 @@ def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
                                                rstds[i] if normalize else grad, weight, dpre, dx, num_points, rows_key,
                                                C=channels, NORMALIZE=normalize,
                                                PRECISION=_precision(weight.dtype))
-        dw = torch.empty_like(weight)
-        db = torch.empty(batch_size, channels, device=x.device, dtype=weight.dtype)
-
-        def weights_grid(meta):
-            return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size)
-        _launch(_hidden_layer_bwd_weights)[weights_grid](dpre, xhats[i - 1], dw, db, num_points, rows_key,
-                                                         C=channels, PRECISION=_precision(weight.dtype))
+        dw, db = _weight_gradients(dpre, xhats[i - 1], weight.dtype, rows_key)
         grads = [dw, db] + grads
         grad = dx
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.

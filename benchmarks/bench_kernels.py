@@ -66,10 +66,22 @@ def main(argv=None):
         ('_hidden_layer_bwd_input', kernels._hidden_layer_bwd_input, rows_grid,
          lambda kw: (act, act2, rstd, w, out, out2, N, N), dict(C=C, NORMALIZE=True, PRECISION='tf32'),
          4 * act_bytes, flops),
-        ('_hidden_layer_bwd_weights', kernels._hidden_layer_bwd_weights,
-         lambda meta: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B),
-         lambda kw: (act, act2, dw, db, N, N), dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops),
     ]
+    # The weight gradients over runs of split_rows rows (one program per observation, tile and run), their
+    # float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
+    for split_rows in (512, 1024, 2048, N):
+        splits = triton_cdiv(N, split_rows)
+        share = torch.float32 if splits > 1 else bf16
+        dw_share = torch.empty(B * splits, C, C, device=dev, dtype=share)
+        db_share = torch.empty(B * splits, C, device=dev, dtype=share)
+        cases.append((f'_hidden_layer_bwd_weights (split {split_rows})', kernels._hidden_layer_bwd_weights,
+                      lambda meta, splits=splits: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
+                      lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
+                          (act, act2, dw_share, db_share, N, N, split_rows),
+                      dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops))
+        report(f'kernels._weight_gradients (split {split_rows}, autotuned, shares summed)',
+               do_bench(lambda split_rows=split_rows: kernels._weight_gradients(act, act2, bf16, N, split_rows)),
+               2 * act_bytes, flops)
     for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
         for config in autotuned.configs:
             meta = dict(config.kwargs)

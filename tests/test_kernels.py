@@ -110,6 +110,30 @@ def test_odd_sizes_and_a_single_point():
             assert relative_error(fused[name], reference) < 1e-5, (name, batch_size, num_points)
 
 
+@requires_kernels
+@pytest.mark.parametrize('split_rows', [64, 128, None])
+def test_weight_gradients_summed_over_splits_of_the_rows(split_rows):
+    """dW = dpre^T relu(x) and db = sum of dpre, computed over runs of rows (the last one short) and summed, equal
+    the products over all rows (None: kernels.WEIGHT_ROWS, more than the rows here, so one run)."""
+    torch.manual_seed(0)
+    dpre, x = torch.randn(2, 2, 300, kernels.MIN_CHANNELS, device=DEVICE).unbind(0)
+    util.set_tf32(False)
+    dw, db = kernels._weight_gradients(dpre, x, torch.float32, kernels._rows_key(300), split_rows)
+    assert relative_error(dw, dpre.transpose(1, 2) @ x.clamp_min(0)) < 1e-5
+    assert relative_error(db, dpre.sum(1)) < 1e-5
+
+
+@requires_kernels
+def test_phi_with_its_weight_gradients_split_over_rows(monkeypatch):
+    monkeypatch.setattr(kernels, 'WEIGHT_ROWS', 64)
+    hyper, z, x, grad_v = make_phi(num_points=300 if DEVICE == 'cuda' else 70)
+    util.set_tf32(False)
+    exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
+    fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
+    for name, reference in exact.items():
+        assert relative_error(fused[name], reference) < 1e-5, name
+
+
 @pytest.mark.skipif(DEVICE != 'cuda' or not kernels.available(), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize('compiled', [False, True])
 def test_srn_training_step_on_the_kernels(compiled):
