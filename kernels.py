@@ -11,8 +11,9 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
 - forward, per layer: ``relu(x_prev) @ W^T + b -> LayerNorm`` in one pass; it stores the normalised values
   *before* the ReLU (xhat, what the backward needs) and 1/std per row, and the next layer applies the ReLU as
   it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast.
-- backward, per layer: LayerNorm's backward (gated by the ReLU) and the product with W in one pass, then the
-  weight gradient ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel.
+- backward, per layer from the top: the layer above's d(pre-activation) through its W, then LayerNorm's backward
+  (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
+  ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
 
 Tolerance: the kernels take bfloat16 activations and weights (float32 for the input layer) with float32
 accumulation, like PyTorch's bf16 path; they differ from it only in rounding (LayerNorm here sees the float32
@@ -145,33 +146,46 @@ if triton is not None:
         mean_grad_xhat = tl.sum(grad * xhat, axis=1) / C
         return rstd[:, None] * (grad - mean_grad[:, None] - xhat * mean_grad_xhat[:, None])
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 32, 'BLOCK_N': 64}, 4, 1), ({'BLOCK_M': 32, 'BLOCK_N': 128}, 8, 1),
-                                      ({'BLOCK_M': 64, 'BLOCK_N': 64}, 8, 1), ({'BLOCK_M': 64, 'BLOCK_N': 128}, 8, 1),
-                                      ({'BLOCK_M': 16, 'BLOCK_N': 128}, 4, 1), ({'BLOCK_M': 64, 'BLOCK_N': 256}, 8, 1)),
-                     key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_bwd_input(grad_ptr, xhat_ptr, rstd_ptr, w_ptr, dpre_ptr, dx_ptr, N, ROWS_KEY,
-                                C: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dpre = LayerNorm/ReLU backward of grad (stored), dx = dpre @ W, for one (BLOCK_M, C) tile of rows."""
+    def _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """d(this layer's output) = dpre_above @ W_above for a (BLOCK_M, C) tile, float32: the layer above's
+        d(pre-activation) (B, N, C) through its weights W_above (B, C, C), a loop over its C channels."""
+        cols = tl.arange(0, C)
+        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            d = tl.load(dpre_above_ptr + b * N * C + rows[:, None] * C + ks[None, :], mask=row_ok[:, None],
+                        other=0.)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_above_ptr + b * C * C + ks[:, None] * C + cols[None, :])  # (BLOCK_K, C) rows of W_above
+            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.autotune(configs=_configs(({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
+                     key=['ROWS_KEY', 'C', 'ABOVE'])
+    @triton.jit
+    def _hidden_layer_bwd(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, dpre_ptr, N, ROWS_KEY,
+                          C: tl.constexpr, ABOVE: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """dpre = LayerNorm/ReLU backward of this layer's output gradient, for one (BLOCK_M, C) tile of rows.
+
+        With ABOVE the output gradient is the layer above's dpre through its weights (``_grad_from_above``), so
+        d(activation) is never stored: the pass reads dpre_above and xhat and writes dpre. Without, it is the
+        gradient of phi's output, read from ``dpre_above_ptr`` (w_above_ptr unused)."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         cols = tl.arange(0, C)
         tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
-        grad = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-        if NORMALIZE:
-            dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
-            dpre = dpre.to(w_ptr.dtype.element_ty)
-            tl.store(dpre_ptr + b * N * C + tile, dpre, mask=row_ok[:, None])
+        if ABOVE:
+            grad = _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_M,
+                                    BLOCK_K)
         else:
-            dpre = grad.to(w_ptr.dtype.element_ty)
-        for n0 in tl.static_range(0, C, BLOCK_N):
-            ns = n0 + tl.arange(0, BLOCK_N)
-            w = tl.load(w_ptr + b * C * C + cols[:, None] * C + ns[None, :])  # (C, BLOCK_N)
-            dx = tl.dot(dpre, w, input_precision=PRECISION)
-            tl.store(dx_ptr + b * N * C + rows[:, None] * C + ns[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            grad = tl.load(dpre_above_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
+        dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
+        tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs(({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 64}, 8, 3),
                                       ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 4),
@@ -211,15 +225,18 @@ if triton is not None:
         if pid_k == 0:
             tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
-                                      ({'BLOCK_M': 64}, 8, 1)),
+    @triton.autotune(configs=_configs(({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _input_layer_bwd(grad_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, N, ROWS_KEY,
-                         C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db.
+    def _input_layer_bwd(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr,
+                         db_part_ptr, N, ROWS_KEY, C: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db, from the
+        first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``).
 
-        The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 throughout.
+        The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic.
         """
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
@@ -234,8 +251,8 @@ if triton is not None:
         for r0 in range(0, ROWS, BLOCK_M):
             rows = pid_m * ROWS + r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < N
-            grad = tl.load(grad_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
-                           other=0.).to(tl.float32)
+            grad = _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_M,
+                                    BLOCK_K)
             dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
             point = x_ptr + b * N * 3 + rows * 3
             tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
@@ -334,32 +351,41 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
 
 
 def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
-    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output."""
+    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output.
+
+    From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
+    ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
+    input layer's pass forms its own from the first hidden layer's dpre."""
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
+    dtype = weights[1].dtype
+    top = len(weights) - 1
+
+    def empty_rows(*shape, dtype=dtype):
+        return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
+    if top < len(xhats):  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
+        dpre = empty_rows(channels)
+        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top], rstds[top], dpre, num_points, rows_key,
+                                         C=channels, ABOVE=False, PRECISION=_precision(dtype))
+    else:  # a linear last layer
+        dpre = grad_v.to(dtype)
     grads = []
-    grad = grad_v
-    for i in range(len(weights) - 1, 0, -1):
-        normalize = i < len(xhats)
-        weight = weights[i]
-        dpre = torch.empty_like(grad, dtype=weight.dtype) if normalize else grad.to(weight.dtype)
-        dx = torch.empty(batch_size, num_points, channels, device=x.device, dtype=weight.dtype)
-        _launch(_hidden_layer_bwd_input)[grid](grad, xhats[i] if normalize else grad,
-                                               rstds[i] if normalize else grad, weight, dpre, dx, num_points, rows_key,
-                                               C=channels, NORMALIZE=normalize,
-                                               PRECISION=_precision(weight.dtype))
-        dw, db = _weight_gradients(dpre, xhats[i - 1], weight.dtype, rows_key)
-        grads = [dw, db] + grads
-        grad = dx
+    for i in range(top, 0, -1):
+        grads = [*_weight_gradients(dpre, xhats[i - 1], dtype, rows_key), *grads]
+        if i > 1:
+            below = empty_rows(channels)
+            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 1], rstds[i - 1], below, num_points,
+                                             rows_key, C=channels, ABOVE=True, PRECISION=_precision(dtype))
+            dpre = below
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
     num_parts = triton.cdiv(num_points, INPUT_ROWS)
     dx = torch.empty_like(x)
     dw_part = torch.empty(batch_size, num_parts, 3, channels, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch_size, num_parts, channels, device=x.device, dtype=torch.float32)
-    _launch(_input_layer_bwd)[(num_parts, batch_size)](grad, xhats[0], rstds[0], x, weights[0], dx, dw_part,
-                                                       db_part, num_points, rows_key, C=channels,
-                                                       ROWS=INPUT_ROWS)
+    _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], xhats[0], rstds[0], x, weights[0], dx,
+                                                       dw_part, db_part, num_points, rows_key, C=channels,
+                                                       ROWS=INPUT_ROWS, PRECISION=_precision(dtype))
     dw0 = dw_part.sum(1).transpose(1, 2).to(weights[0].dtype)  # (B, C, 3)
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]

@@ -63,9 +63,10 @@ def main(argv=None):
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
          lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
                                                                    PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_hidden_layer_bwd_input', kernels._hidden_layer_bwd_input, rows_grid,
-         lambda kw: (act, act2, rstd, w, out, out2, N, N), dict(C=C, NORMALIZE=True, PRECISION='tf32'),
-         4 * act_bytes, flops),
+        ('_hidden_layer_bwd (from the layer above)', kernels._hidden_layer_bwd, rows_grid,
+         lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=True, PRECISION='tf32'), 3 * act_bytes, flops),
+        ('_hidden_layer_bwd (phi\'s output gradient)', kernels._hidden_layer_bwd, rows_grid,
+         lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=False, PRECISION='tf32'), 3 * act_bytes, 0),
     ]
     # The weight gradients over runs of split_rows rows (one program per observation, tile and run), their
     # float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
@@ -102,9 +103,10 @@ def main(argv=None):
 
         def launch():
             kernels._input_layer_bwd.fn[(triton_cdiv(N, kernels.INPUT_ROWS), B)](
-                act, act2, rstd, x, w0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS, **meta,
-                num_warps=config.num_warps, num_stages=config.num_stages)
-        report(f"_input_layer_bwd {meta} w{config.num_warps}", do_bench(launch), 2 * act_bytes)
+                act, w, act2, rstd, x, w0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS,
+                PRECISION='tf32', **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+        report(f"_input_layer_bwd {meta} w{config.num_warps} s{config.num_stages}", do_bench(launch), 2 * act_bytes,
+               flops)
     phi_evaluations(B, N, C, report)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
             'results': results}
