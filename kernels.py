@@ -45,6 +45,7 @@ AUTOTUNE = os.environ.get('SRN_KERNELS_AUTOTUNE', '1') != '0' and not INTERPRET
 # The widest tile of the autotuning candidates is 256 columns; the interpreter runs only the first candidate,
 # whose tiles are at most 128 wide, so the tests can use C = 128 there.
 MIN_CHANNELS = 128 if INTERPRET else 256
+CANDIDATES = {}  # kernel name -> every autotuning candidate (triton.Config), filled below
 
 
 def available():
@@ -68,16 +69,19 @@ def supports(x, layers):
 
 
 if triton is not None:
-    def _configs(*configs):
-        """Autotuning candidates ((meta-parameters, num_warps, num_stages) each); only the first without AUTOTUNE.
+    def _configs(kernel, *configs):
+        """Autotuning candidates ((meta-parameters, num_warps, num_stages) each) of the kernel named ``kernel``;
+        only the first without AUTOTUNE. All of them stay in ``CANDIDATES[kernel]`` (the tests run each).
 
         A (rows, 256) float32 tile costs rows * 256 / (32 * num_warps) registers a thread; the candidates keep the
         LayerNorm kernels' live tiles small enough not to spill.
         """
         configs = [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in configs]
+        CANDIDATES[kernel] = configs
         return configs if AUTOTUNE else configs[:1]
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
+    @triton.autotune(configs=_configs('_input_layer_fwd',
+                                      ({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
                                       ({'BLOCK_M': 64}, 8, 1)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
@@ -100,7 +104,8 @@ if triton is not None:
         tl.store(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :],
                  (centred * rstd[:, None]).to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+    @triton.autotune(configs=_configs('_hidden_layer_fwd',
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
                      key=['ROWS_KEY', 'C'])
@@ -161,7 +166,8 @@ if triton is not None:
             acc = tl.dot(d, w, acc, input_precision=PRECISION)
         return acc
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+    @triton.autotune(configs=_configs('_hidden_layer_bwd',
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
                      key=['ROWS_KEY', 'C', 'ABOVE'])
@@ -187,7 +193,8 @@ if triton is not None:
         dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
         tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
 
-    @triton.autotune(configs=_configs(({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 64}, 8, 3),
+    @triton.autotune(configs=_configs('_hidden_layer_bwd_weights',
+                                      ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 64}, 8, 3),
                                       ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 4),
                                       ({'BLOCK_N': 128, 'BLOCK_K': 64, 'BLOCK_R': 64}, 4, 3),
                                       ({'BLOCK_N': 256, 'BLOCK_K': 64, 'BLOCK_R': 64}, 8, 3),
@@ -225,7 +232,8 @@ if triton is not None:
         if pid_k == 0:
             tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
-    @triton.autotune(configs=_configs(({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3),
+    @triton.autotune(configs=_configs('_input_layer_bwd',
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
                      key=['ROWS_KEY', 'C'])

@@ -4,6 +4,9 @@ They run on a CUDA GPU, or on the CPU under Triton's interpreter (``TRITON_INTER
 slow but exact); elsewhere (CPU builds of PyTorch come without Triton) they skip, and the fallback is checked:
 asking for the kernels where they cannot run must give the PyTorch path's result.
 
+Every autotuning candidate of each kernel also runs alone against the kernel's definition in PyTorch (float32),
+so whatever the autotuner picks on a GPU is covered; the autotuner itself stays off here (tests/conftest.py).
+
 Tolerances:
 - float32 kernels (IEEE products) against the float32 PyTorch path: outputs and every gradient within 1e-5
   relative L2 error, i.e. the same function up to summation order.
@@ -18,6 +21,7 @@ Tolerances:
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hyperlayers
 import kernels
@@ -206,3 +210,90 @@ def test_supports_only_phis_layout():
     if not kernels.INTERPRET:  # 128 columns are below the tiles of the GPU's candidates
         assert not kernels.supports(x, layers([(3, 128), (128, 128)], [True, True]))
     assert not kernels.supports(torch.randn(2, 5, 4, device=DEVICE), layers([(4, 128), (128, 128)], [True, True]))
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def candidates(name, channels):
+    """Every autotuning candidate of a kernel whose channel tiles fit ``channels`` (all of them on the GPU)."""
+    return [config for config in kernels.CANDIDATES[name]
+            if max(config.kwargs.get('BLOCK_N', 0), config.kwargs.get('BLOCK_K', 0)) <= channels]
+
+
+def launch(name, grid, *args, config, **constants):
+    """One kernel with one candidate's meta-parameters, without the autotuner."""
+    kernel = getattr(kernels, name).fn
+    kernel[grid](*args, **constants, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def layer_norm_relu_backward(grad, xhat, rstd):
+    """d(pre-LayerNorm) from d(relu(xhat)), for LayerNorm without affine parameters."""
+    grad = grad * (xhat > 0)
+    return rstd[..., None] * (grad - grad.mean(-1, keepdim=True) - xhat * (grad * xhat).mean(-1, keepdim=True))
+
+
+@requires_kernels
+@pytest.mark.parametrize('name', ['_input_layer_fwd', '_hidden_layer_fwd', '_hidden_layer_bwd',
+                                  '_hidden_layer_bwd_weights', '_input_layer_bwd'])
+def test_every_autotuning_candidate_computes_its_kernels_function(name):
+    """Each kernel with each of its candidates, in float32 (IEEE products), against its definition in PyTorch,
+    on 150 rows (a last tile that is not full) of 2 observations: what any tuning may pick computes the same,
+    whatever candidate the autotuner takes on a GPU (the other tests see only the ones it picked)."""
+    torch.manual_seed(0)
+    util.set_tf32(False)
+    B, N, C, eps = 2, 150, kernels.MIN_CHANNELS, 1e-5
+    configs = candidates(name, C)
+    assert configs
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE)
+    x, w0, b0 = rand(B, N, 3), rand(B, C, 3), rand(B, C)
+    act, grad, w, b = rand(B, N, C), rand(B, N, C), rand(B, C, C) / 16, rand(B, C)
+    rstd = torch.rand(B, N, device=DEVICE) + 0.5
+    rows = kernels._rows_key(N)
+
+    def layer_norm(pre):
+        return F.layer_norm(pre, (C,), eps=eps), 1 / torch.sqrt(pre.var(-1, unbiased=False) + eps)
+    for config in configs:
+        rows_grid = (cdiv(N, config.kwargs.get('BLOCK_M', 1)), B)
+        if name == '_input_layer_fwd':
+            xhat, rstd_out = torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE)
+            launch(name, rows_grid, x, w0, b0, xhat, rstd_out, N, rows, eps, C=C, config=config)
+            expected = layer_norm(x @ w0.transpose(1, 2) + b0[:, None])
+            results = xhat, rstd_out
+        elif name == '_hidden_layer_fwd':
+            out, rstd_out, relu = (torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE),
+                                   torch.empty(B, N, C, device=DEVICE))
+            launch(name, rows_grid, act, w, b, out, rstd_out, relu, N, rows, eps, C=C, NORMALIZE=True,
+                   WRITE_RELU=True, PRECISION='ieee', config=config)
+            xhat, rstd_expected = layer_norm(act.clamp_min(0) @ w.transpose(1, 2) + b[:, None])
+            expected, results = (xhat, rstd_expected, xhat.clamp_min(0)), (out, rstd_out, relu)
+        elif name == '_hidden_layer_bwd':
+            from_above, direct = torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, C, device=DEVICE)
+            launch(name, rows_grid, grad, w, act, rstd, from_above, N, rows, C=C, ABOVE=True, PRECISION='ieee',
+                   config=config)
+            launch(name, rows_grid, grad, w, act, rstd, direct, N, rows, C=C, ABOVE=False, PRECISION='ieee',
+                   config=config)
+            expected = (layer_norm_relu_backward(grad @ w, act, rstd), layer_norm_relu_backward(grad, act, rstd))
+            results = from_above, direct
+        elif name == '_hidden_layer_bwd_weights':
+            split = 64
+            splits = cdiv(N, split)
+            dw, db = torch.empty(B * splits, C, C, device=DEVICE), torch.empty(B * splits, C, device=DEVICE)
+            grid = (C // config.kwargs['BLOCK_N'], C // config.kwargs['BLOCK_K'], B * splits)
+            launch(name, grid, grad, act, dw, db, N, rows, split, C=C, PRECISION='ieee', config=config)
+            expected = grad.transpose(1, 2) @ act.clamp_min(0), grad.sum(1)
+            results = dw.view(B, splits, C, C).sum(1), db.view(B, splits, C).sum(1)
+        else:  # _input_layer_bwd, from the first hidden layer's dpre (grad) and weights (w)
+            parts = cdiv(N, kernels.INPUT_ROWS)
+            dx = torch.empty_like(x)
+            dw_part, db_part = torch.empty(B, parts, 3, C, device=DEVICE), torch.empty(B, parts, C, device=DEVICE)
+            launch(name, (parts, B), grad, w, act, rstd, x, w0, dx, dw_part, db_part, N, rows, C=C,
+                   ROWS=kernels.INPUT_ROWS, PRECISION='ieee', config=config)
+            dpre = layer_norm_relu_backward(grad @ w, act, rstd)
+            expected = dpre @ w0, dpre.transpose(1, 2) @ x, dpre.sum(1)
+            results = dx, dw_part.sum(1).transpose(1, 2), db_part.sum(1)
+        for i, (value, reference) in enumerate(zip(results, expected)):
+            assert relative_error(value, reference) < 1e-5, (config, i)
