@@ -10,7 +10,10 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
 
 - forward, per layer: ``relu(x_prev) @ W^T + b -> LayerNorm`` in one pass; it stores the normalised values
   *before* the ReLU (xhat, what the backward needs) and 1/std per row, and the next layer applies the ReLU as
-  it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast.
+  it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast, inside the
+  first hidden layer's pass: its three multiply-adds an element are cheap next to the product's 256, so its
+  activations are formed there from the points, chunk by chunk, and never stored; only its row statistics
+  (mean and 1/std) are, and the backward forms them again the same way.
 - backward, per layer from the top: the layer above's d(pre-activation) through its W, then LayerNorm's backward
   (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
   ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
@@ -80,29 +83,81 @@ if triton is not None:
         CANDIDATES[kernel] = configs
         return configs if AUTOTUNE else configs[:1]
 
-    @triton.autotune(configs=_configs('_input_layer_fwd',
-                                      ({'BLOCK_M': 16}, 4, 1), ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 32}, 8, 1),
-                                      ({'BLOCK_M': 64}, 8, 1)),
+    @triton.jit
+    def _points(x_ptr, b, rows, row_ok, N):
+        """The three coordinates of a tile's points, (BLOCK_M,) float32 each, from x (B, N, 3)."""
+        point = x_ptr + b * N * 3 + rows * 3
+        return (tl.load(point, mask=row_ok, other=0.), tl.load(point + 1, mask=row_ok, other=0.),
+                tl.load(point + 2, mask=row_ok, other=0.))
+
+    @triton.jit
+    def _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C: tl.constexpr):
+        """The input layer's pre-activation x @ W0^T + b0 on channels ks, (rows, len(ks)) float32; W0 (B, C, 3)."""
+        w = w0_ptr + b * C * 3 + ks * 3
+        return (tl.load(b0_ptr + b * C + ks)[None, :] + x0[:, None] * tl.load(w)[None, :]
+                + x1[:, None] * tl.load(w + 1)[None, :] + x2[:, None] * tl.load(w + 2)[None, :])
+
+    @triton.jit
+    def _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C: tl.constexpr):
+        """The input layer's normalised values on channels ks, recomputed from the points and the row statistics."""
+        return (_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C) - mean[:, None]) * rstd[:, None]
+
+    @triton.jit
+    def _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps,
+                               C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr):
+        """Bias, LayerNorm (storing xhat and 1/std) or not, and phi's output relu(xhat) with WRITE_RELU."""
+        cols = tl.arange(0, C)
+        acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
+        if NORMALIZE:
+            mean = tl.sum(acc, axis=1) / C
+            acc = acc - mean[:, None]
+            rstd = 1. / tl.sqrt(tl.sum(acc * acc, axis=1) / C + eps)
+            acc = acc * rstd[:, None]
+            tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
+        tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
+        tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_RELU:
+            tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+    @triton.autotune(configs=_configs('_first_hidden_layer_fwd',
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _input_layer_fwd(x_ptr, w_ptr, b_ptr, xhat_ptr, rstd_ptr, N, ROWS_KEY, eps,
-                         C: tl.constexpr, BLOCK_M: tl.constexpr):
-        """xhat = LayerNorm(x @ W^T + b) for x (B, N, 3) float32, W (B, C, 3), b (B, C); float32 arithmetic."""
+    def _first_hidden_layer_fwd(x_ptr, w0_ptr, b0_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N,
+                                ROWS_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
+                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The input layer and the first hidden layer in one pass: out = LayerNorm(relu(xhat0) @ W^T + b) with
+        xhat0 = LayerNorm(x @ W0^T + b0) formed chunk by chunk from the points (x (B, N, 3), W0 (B, C, 3), b0 (B, C),
+        float32) and never stored; only its row statistics are, (mean, 1/std) in stats (B, N, 2), from which the
+        backward forms it again. Three multiply-adds an element against the product's C."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         cols = tl.arange(0, C)
-        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32) + tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
-        for k in tl.static_range(3):
-            xk = tl.load(x_ptr + b * N * 3 + rows * 3 + k, mask=row_ok, other=0.).to(tl.float32)
-            wk = tl.load(w_ptr + b * C * 3 + cols * 3 + k).to(tl.float32)
-            acc += xk[:, None] * wk[None, :]
-        mean = tl.sum(acc, axis=1) / C
-        centred = acc - mean[:, None]
-        rstd = 1. / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
-        tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
-        tl.store(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :],
-                 (centred * rstd[:, None]).to(xhat_ptr.dtype.element_ty), mask=row_ok[:, None])
+        x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)  # the input layer's mean, then centred sum of squares
+        for k0 in range(0, C, BLOCK_K):
+            total += tl.sum(_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C), axis=1)
+        mean0 = total / C
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            centred = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C) - mean0[:, None]
+            squares += tl.sum(centred * centred, axis=1)
+        rstd0 = 1. / tl.sqrt(squares / C + eps)
+        tl.store(stats_ptr + (b * N + rows) * 2, mean0, mask=row_ok)
+        tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd0, mask=row_ok)
+        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean0, rstd0, b, ks, C)
+            x = tl.maximum(x, 0.).to(w_ptr.dtype.element_ty)  # the input layer's ReLU
+            w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
+            acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+        _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
+                               WRITE_RELU)
 
     @triton.autotune(configs=_configs('_hidden_layer_fwd',
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
@@ -126,26 +181,21 @@ if triton is not None:
             x = tl.where(x > 0, x, 0.).to(w_ptr.dtype.element_ty)  # the previous layer's ReLU
             w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
             acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
-        if NORMALIZE:
-            mean = tl.sum(acc, axis=1) / C
-            acc = acc - mean[:, None]
-            rstd = 1. / tl.sqrt(tl.sum(acc * acc, axis=1) / C + eps)
-            acc = acc * rstd[:, None]
-            tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
-        tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
-        tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        if WRITE_RELU:
-            tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+        _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
+                               WRITE_RELU)
 
     @triton.jit
     def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
-        """d(pre-LayerNorm) from d(relu output) for a (BLOCK_M, C) tile, float32."""
+        """d(pre-LayerNorm) from d(relu output) for a (BLOCK_M, C) tile, float32, with xhat and 1/std loaded."""
         cols = tl.arange(0, C)
         xhat = tl.load(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
                        other=0.).to(tl.float32)
         rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+        return _layer_norm_relu_bwd_of(grad, xhat, rstd, C)
+
+    @triton.jit
+    def _layer_norm_relu_bwd_of(grad, xhat, rstd, C: tl.constexpr):
+        """d(pre-LayerNorm) from d(relu output), xhat (BLOCK_M, C) and 1/std (BLOCK_M,) given, float32."""
         grad = tl.where(xhat > 0, grad, 0.)  # ReLU
         mean_grad = tl.sum(grad, axis=1) / C
         mean_grad_xhat = tl.sum(grad * xhat, axis=1) / C
@@ -201,10 +251,14 @@ if triton is not None:
                                       ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS,
-                                  C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, points_ptr, w0_ptr, b0_ptr, stats_ptr, dw_ptr, db_ptr, N,
+                                  ROWS_KEY, SPLIT_ROWS, C: tl.constexpr, FROM_POINTS: tl.constexpr,
+                                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  BLOCK_R: tl.constexpr):
         """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for one (BLOCK_N, BLOCK_K) tile of one split.
+
+        x is the layer's input (B, N, C), or with FROM_POINTS the input layer's xhat, formed from the points
+        (B, N, 3), the input layer's W0 and b0 and its row statistics (B, N, 2) (x_ptr unused).
 
         The rows of an observation are split into S = cdiv(N, SPLIT_ROWS) runs of SPLIT_ROWS (a multiple of
         BLOCK_R), one program each, so that there are enough programs to fill the GPU; program 2 counts
@@ -223,7 +277,13 @@ if triton is not None:
             row_ok = rs < N
             dpre_t = tl.load(dpre_ptr + b * N * C + rs[None, :] * C + ns[:, None], mask=row_ok[None, :],
                              other=0.)  # (BLOCK_N, BLOCK_R)
-            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
+            if FROM_POINTS:
+                x0, x1, x2 = _points(points_ptr, b, rs, row_ok, N)
+                mean = tl.load(stats_ptr + (b * N + rs) * 2, mask=row_ok, other=0.)
+                rstd = tl.load(stats_ptr + (b * N + rs) * 2 + 1, mask=row_ok, other=0.)
+                x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C)
+            else:
+                x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
             x = tl.where(x > 0, x, 0.).to(dpre_t.dtype)  # the previous layer's ReLU
             acc = tl.dot(dpre_t, x, acc, input_precision=PRECISION)
             if pid_k == 0:
@@ -238,11 +298,12 @@ if triton is not None:
                                       ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _input_layer_bwd(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr,
+    def _input_layer_bwd(dpre_above_ptr, w_above_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
                          db_part_ptr, N, ROWS_KEY, C: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db, from the
-        first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``).
+        first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``) and the
+        input layer's row statistics (B, N, 2), from which its xhat is formed again.
 
         The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic.
         """
@@ -261,14 +322,17 @@ if triton is not None:
             row_ok = rows < N
             grad = _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_M,
                                     BLOCK_K)
-            dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
-            point = x_ptr + b * N * 3 + rows * 3
+            x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
+            mean = tl.load(stats_ptr + (b * N + rows) * 2, mask=row_ok, other=0.)
+            rstd = tl.load(stats_ptr + (b * N + rows) * 2 + 1, mask=row_ok, other=0.)
+            xhat = _input_layer_xhat(x0, x1, x2, w_ptr, b_ptr, mean, rstd, b, cols, C)
+            dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)
             tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
             tl.store(dx_ptr + b * N * 3 + rows * 3 + 1, tl.sum(dpre * w1[None, :], axis=1), mask=row_ok)
             tl.store(dx_ptr + b * N * 3 + rows * 3 + 2, tl.sum(dpre * w2[None, :], axis=1), mask=row_ok)
-            dw0 += dpre * tl.load(point, mask=row_ok, other=0.)[:, None]
-            dw1 += dpre * tl.load(point + 1, mask=row_ok, other=0.)[:, None]
-            dw2 += dpre * tl.load(point + 2, mask=row_ok, other=0.)[:, None]
+            dw0 += dpre * x0[:, None]
+            dw1 += dpre * x1[:, None]
+            dw2 += dpre * x2[:, None]
             db += dpre
         part = b * tl.num_programs(0) + pid_m
         tl.store(dw_part_ptr + (part * 3) * C + cols, tl.sum(dw0, axis=0))
@@ -308,7 +372,10 @@ def _rows_grid(num_rows, batch_size):
 
 
 def _phi_forward_impl(x, weights, biases, eps, normalize_last):
-    """[v (B, N, C), xhat of every normalised layer (B, N, C), 1/std of every normalised layer (B, N)]."""
+    """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of every normalised hidden
+    layer (B, N, C), 1/std of every normalised hidden layer (B, N)].
+
+    The input layer's activations are never stored: the first hidden layer's pass forms them from the points."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
     channels = weights[0].shape[-2]
@@ -317,9 +384,8 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
 
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
-    xhats, rstds = [empty_rows(channels)], [empty_rows(dtype=torch.float32)]
-    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], xhats[0], rstds[0], num_points, rows_key, eps,
-                                    C=channels)
+    stats = empty_rows(2, dtype=torch.float32)
+    xhats, rstds = [], []
     out = None
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
@@ -327,17 +393,24 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
         out = empty_rows(channels)
         rstd = empty_rows(dtype=torch.float32) if normalize else out
         v = empty_rows(channels) if last and normalize else out
-        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, eps,
-                                         C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize,
-                                         PRECISION=_precision(act_dtype))
+        constants = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize,
+                         PRECISION=_precision(act_dtype))
+        if i == 1:
+            _launch(_first_hidden_layer_fwd)[grid](x, weights[0], biases[0], stats, weights[1], biases[1], out, rstd,
+                                                   v, num_points, rows_key, eps, **constants)
+        else:
+            _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
+                                             eps, **constants)
         if normalize:
             xhats.append(out), rstds.append(rstd)
         out = v
-    return [out, *xhats, *rstds]
+    return [out, stats, *xhats, *rstds]
 
 
-def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
-    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C)."""
+def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, points=None):
+    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C);
+    with ``points`` = (points (B, N, 3), W0, b0, row statistics (B, N, 2)) x is the input layer's xhat, formed
+    from them (x unused)."""
     batch_size, num_points, channels = dpre.shape
     split_rows = split_rows or WEIGHT_ROWS
     assert split_rows % 64 == 0, "rows per split must be whole steps of every candidate's BLOCK_R"
@@ -350,50 +423,54 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
 
     def grid(meta):
         return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size * splits)
-    _launch(_hidden_layer_bwd_weights)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels,
-                                             PRECISION=_precision(dtype))
+    _launch(_hidden_layer_bwd_weights)[grid](dpre, dpre if x is None else x, *(points or (dpre,) * 4), dw, db,
+                                             num_points, rows_key, split_rows, C=channels,
+                                             FROM_POINTS=points is not None, PRECISION=_precision(dtype))
     if splits == 1:
         return dw, db
     return (dw.view(batch_size, splits, channels, channels).sum(1).to(dtype),
             db.view(batch_size, splits, channels).sum(1).to(dtype))
 
 
-def _phi_backward_impl(grad_v, x, weights, xhats, rstds):
-    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output.
+def _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds):
+    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from what
+    the forward kept: the input layer's row statistics, and xhat and 1/std of the normalised hidden layers.
 
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
-    input layer's pass forms its own from the first hidden layer's dpre."""
+    input layer's pass forms its own from the first hidden layer's dpre, and its xhat again from the points."""
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
     dtype = weights[1].dtype
-    top = len(weights) - 1
+    top = len(weights) - 1  # hidden layers 1..top; xhats[i - 1] and rstds[i - 1] are layer i's
 
     def empty_rows(*shape, dtype=dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
-    if top < len(xhats):  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
+    if top <= len(xhats):  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
         dpre = empty_rows(channels)
-        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top], rstds[top], dpre, num_points, rows_key,
-                                         C=channels, ABOVE=False, PRECISION=_precision(dtype))
+        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top - 1], rstds[top - 1], dpre, num_points,
+                                         rows_key, C=channels, ABOVE=False, PRECISION=_precision(dtype))
     else:  # a linear last layer
         dpre = grad_v.to(dtype)
     grads = []
     for i in range(top, 0, -1):
-        grads = [*_weight_gradients(dpre, xhats[i - 1], dtype, rows_key), *grads]
         if i > 1:
+            grads = [*_weight_gradients(dpre, xhats[i - 2], dtype, rows_key), *grads]
             below = empty_rows(channels)
-            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 1], rstds[i - 1], below, num_points,
+            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 2], rstds[i - 2], below, num_points,
                                              rows_key, C=channels, ABOVE=True, PRECISION=_precision(dtype))
             dpre = below
+        else:
+            grads = [*_weight_gradients(dpre, None, dtype, rows_key, points=(x, weights[0], bias0, stats)), *grads]
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
     num_parts = triton.cdiv(num_points, INPUT_ROWS)
     dx = torch.empty_like(x)
     dw_part = torch.empty(batch_size, num_parts, 3, channels, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch_size, num_parts, channels, device=x.device, dtype=torch.float32)
-    _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], xhats[0], rstds[0], x, weights[0], dx,
-                                                       dw_part, db_part, num_points, rows_key, C=channels,
-                                                       ROWS=INPUT_ROWS, PRECISION=_precision(dtype))
+    _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], stats, x, weights[0], bias0, dx, dw_part,
+                                                       db_part, num_points, rows_key, C=channels, ROWS=INPUT_ROWS,
+                                                       PRECISION=_precision(dtype))
     dw0 = dw_part.sum(1).transpose(1, 2).to(weights[0].dtype)  # (B, C, 3)
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]
@@ -407,24 +484,25 @@ def _register():
         return _phi_forward_impl(x, weights, biases, eps, normalize_last)
 
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
-    def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
-                      xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _phi_backward_impl(grad_v, x, weights, xhats, rstds)
+    def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], bias0: torch.Tensor,
+                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds)
 
     def _setup_context(ctx, inputs, output):
-        x, weights, _, _, normalize_last = inputs
-        num_norm = len(weights) if normalize_last else len(weights) - 1
-        xhats, rstds = output[1:1 + num_norm], output[1 + num_norm:]
+        x, weights, biases, _, normalize_last = inputs
+        hidden = len(weights) - 1
+        num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
+        stats, xhats, rstds = output[1], output[2:2 + num_norm], output[2 + num_norm:]
         ctx.num_layers, ctx.num_norm = len(weights), num_norm
-        ctx.save_for_backward(x, *weights, *xhats, *rstds)
-        ctx.mark_non_differentiable(*xhats, *rstds)
+        ctx.save_for_backward(x, biases[0], stats, *weights, *xhats, *rstds)
+        ctx.mark_non_differentiable(stats, *xhats, *rstds)
 
     def _backward(ctx, grads):
         saved = ctx.saved_tensors
         n, m = ctx.num_layers, ctx.num_norm
-        x, weights = saved[0], list(saved[1:1 + n])
-        xhats, rstds = list(saved[1 + n:1 + n + m]), list(saved[1 + n + m:])
-        flat = _phi_backward(grads[0].contiguous(), x, weights, xhats, rstds)
+        x, bias0, stats, weights = saved[0], saved[1], saved[2], list(saved[3:3 + n])
+        xhats, rstds = list(saved[3 + n:3 + n + m]), list(saved[3 + n + m:])
+        flat = _phi_backward(grads[0].contiguous(), x, weights, bias0, stats, xhats, rstds)
         return flat[0], flat[1::2], flat[2::2], None, None
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)

@@ -37,6 +37,7 @@ def main(argv=None):
     act2 = torch.randn(B, N, C, device=dev, dtype=bf16)
     w, b = torch.randn(B, C, C, device=dev, dtype=bf16) / 16, torch.randn(B, C, device=dev, dtype=bf16)
     rstd = torch.rand(B, N, device=dev) + 0.5
+    stats = torch.stack([torch.randn(B, N, device=dev), rstd], -1)  # the input layer's (mean, 1/std) a row
     out, out2 = torch.empty_like(act), torch.empty_like(act)
     dw, db = torch.empty_like(w), torch.empty_like(b)
     dx3 = torch.empty_like(x)
@@ -58,8 +59,9 @@ def main(argv=None):
 
     rows_grid = lambda meta: (triton_cdiv(N, meta['BLOCK_M']), B)  # noqa: E731
     cases = [
-        ('_input_layer_fwd', kernels._input_layer_fwd, rows_grid,
-         lambda kw: (x, w0, b0, out, rstd, N, N, 1e-5), dict(C=C), act_bytes, 0),
+        ('_first_hidden_layer_fwd', kernels._first_hidden_layer_fwd, rows_grid,
+         lambda kw: (x, w0, b0, stats, w, b, out, rstd, out2, N, N, 1e-5),
+         dict(C=C, NORMALIZE=True, WRITE_RELU=False, PRECISION='tf32'), act_bytes, flops),
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
          lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
                                                                    PRECISION='tf32'), 2 * act_bytes, flops),
@@ -78,13 +80,22 @@ def main(argv=None):
         cases.append((f'_hidden_layer_bwd_weights (split {split_rows})', kernels._hidden_layer_bwd_weights,
                       lambda meta, splits=splits: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
                       lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
-                          (act, act2, dw_share, db_share, N, N, split_rows),
-                      dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops))
+                          (act, act2, act, act, act, act, dw_share, db_share, N, N, split_rows),
+                      dict(C=C, FROM_POINTS=False, PRECISION='tf32'), 2 * act_bytes, flops))
         report(f'kernels._weight_gradients (split {split_rows}, autotuned, shares summed)',
                do_bench(lambda split_rows=split_rows: kernels._weight_gradients(act, act2, bf16, N, split_rows)),
                2 * act_bytes, flops)
+    split_rows = kernels.WEIGHT_ROWS  # the first hidden layer's: its input formed from the points
+    splits = triton_cdiv(N, split_rows)
+    dw_share = torch.empty(B * splits, C, C, device=dev)
+    db_share = torch.empty(B * splits, C, device=dev)
+    cases.append((f'_hidden_layer_bwd_weights (split {split_rows}, from the points)',
+                  kernels._hidden_layer_bwd_weights,
+                  lambda meta: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
+                  lambda kw: (act, act, x, w0, b0, stats, dw_share, db_share, N, N, split_rows),
+                  dict(C=C, FROM_POINTS=True, PRECISION='tf32'), act_bytes, flops))
     for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
-        for config in autotuned.configs:
+        for config in kernels.CANDIDATES[name.split()[0]]:
             meta = dict(config.kwargs)
 
             def launch():
@@ -98,14 +109,14 @@ def main(argv=None):
             report(f"{name} {meta} w{config.num_warps} s{config.num_stages}", ms, bytes_moved, flop)
     parts = torch.empty(B, triton_cdiv(N, kernels.INPUT_ROWS), 3, C, device=dev)
     parts_b = torch.empty(B, triton_cdiv(N, kernels.INPUT_ROWS), C, device=dev)
-    for config in kernels._input_layer_bwd.configs:
+    for config in kernels.CANDIDATES['_input_layer_bwd']:
         meta = dict(config.kwargs)
 
         def launch():
             kernels._input_layer_bwd.fn[(triton_cdiv(N, kernels.INPUT_ROWS), B)](
-                act, w, act2, rstd, x, w0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS,
+                act, w, stats, x, w0, b0, dx3, parts, parts_b, N, N, C=C, ROWS=kernels.INPUT_ROWS,
                 PRECISION='tf32', **meta, num_warps=config.num_warps, num_stages=config.num_stages)
-        report(f"_input_layer_bwd {meta} w{config.num_warps} s{config.num_stages}", do_bench(launch), 2 * act_bytes,
+        report(f"_input_layer_bwd {meta} w{config.num_warps} s{config.num_stages}", do_bench(launch), act_bytes,
                flops)
     phi_evaluations(B, N, C, report)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
