@@ -138,18 +138,24 @@ def test_phi_with_its_weight_gradients_split_over_rows(monkeypatch):
         assert relative_error(fused[name], reference) < 1e-5, name
 
 
-@pytest.mark.skipif(DEVICE != 'cuda' or not kernels.available(), reason="needs a CUDA GPU and Triton")
+@requires_kernels
 @pytest.mark.parametrize('compiled', [False, True])
 def test_srn_training_step_on_the_kernels(compiled):
-    """The whole model, forward and backward, with phi on the kernels (under torch.compile too)."""
+    """The whole model, forward and backward, with phi on the kernels (under torch.compile too, on a GPU; in the
+    interpreter eagerly, with fewer rays and marching steps)."""
+    if compiled and DEVICE != 'cuda':
+        pytest.skip("torch.compile of the kernels needs a CUDA GPU")
     torch.manual_seed(0)
     util.set_tf32(False)
-    model = srns.SRNsModel(num_instances=10, latent_dim=256, tracing_steps=10, init_depth_std=0.).to(DEVICE)
-    side = 32
+    model = srns.SRNsModel(num_instances=10, latent_dim=256, tracing_steps=10 if DEVICE == 'cuda' else 3,
+                           init_depth_std=0.).to(DEVICE)
+    side = 32 if DEVICE == 'cuda' else 8
     uv = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing='xy'), -1).reshape(1, -1, 2)
     pose = torch.eye(4).repeat(4, 1, 1)
     pose[:, 2, 3] = -1.5  # cameras on the -z axis looking at the origin
-    intrinsics = torch.tensor([[40., 0, 16, 0], [0, 40., 16, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).repeat(4, 1, 1)
+    focal = 1.25 * side
+    intrinsics = torch.tensor([[focal, 0, side / 2, 0], [0, focal, side / 2, 0], [0, 0, 1, 0],
+                               [0, 0, 0, 1]]).repeat(4, 1, 1)
     model_input = {'instance_idx': torch.arange(4).float(), 'pose': pose, 'intrinsics': intrinsics,
                    'uv': uv.repeat(4, 1, 1).float()}
     model_input = {k: v.to(DEVICE) for k, v in model_input.items()}
@@ -160,7 +166,7 @@ def test_srn_training_step_on_the_kernels(compiled):
         model.use_fused_kernels(fused)
         forward = torch.compile(model) if compiled and amp else model
         model.zero_grad(set_to_none=True)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(DEVICE, dtype=HALF, enabled=amp):
             rgb, depth = forward(model_input)
             loss = srns.compute_losses(model, model_input, (rgb, depth), target)['total_loss']
         loss.backward()
