@@ -104,8 +104,11 @@ if triton is not None:
 
     @triton.jit
     def _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps,
-                               C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr):
-        """Bias, LayerNorm (storing xhat and 1/std) or not, and phi's output relu(xhat) with WRITE_RELU."""
+                               C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
+                               KEEP: tl.constexpr):
+        """Bias, LayerNorm or not, and phi's output relu(xhat) with WRITE_RELU. It stores the layer's output (xhat,
+        the next layer's input) and 1/std; without KEEP (no backward to come) only what a later layer reads: phi's
+        output alone in the last layer, and no 1/std."""
         cols = tl.arange(0, C)
         acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
         if NORMALIZE:
@@ -113,9 +116,11 @@ if triton is not None:
             acc = acc - mean[:, None]
             rstd = 1. / tl.sqrt(tl.sum(acc * acc, axis=1) / C + eps)
             acc = acc * rstd[:, None]
-            tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
+            if KEEP:
+                tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
         tile = rows[:, None] * C + cols[None, :]  # int32 offsets; the batch offset goes on the pointers
-        tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if KEEP or not WRITE_RELU:
+            tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_RELU:
             tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
@@ -128,7 +133,8 @@ if triton is not None:
     @triton.jit
     def _first_hidden_layer_fwd(x_ptr, w0_ptr, b0_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N,
                                 ROWS_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
-                                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                                KEEP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
         """The input layer and the first hidden layer in one pass: out = LayerNorm(relu(xhat0) @ W^T + b) with
         xhat0 = LayerNorm(x @ W0^T + b0) formed chunk by chunk from the points (x (B, N, 3), W0 (B, C, 3), b0 (B, C),
         float32) and never stored; only its row statistics are, (mean, 1/std) in stats (B, N, 2), from which the
@@ -157,7 +163,7 @@ if triton is not None:
             w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
             acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
         _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                               WRITE_RELU)
+                               WRITE_RELU, KEEP)
 
     @triton.autotune(configs=_configs('_hidden_layer_fwd',
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
@@ -166,7 +172,7 @@ if triton is not None:
                      key=['ROWS_KEY', 'C'])
     @triton.jit
     def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, ROWS_KEY, eps,
-                          C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
+                          C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr, KEEP: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """out = LayerNorm(relu(x) @ W^T + b) (or without LayerNorm) for x (B, N, C), W (B, C, C), b (B, C);
         with WRITE_RELU also relu(out), phi's output."""
@@ -182,7 +188,7 @@ if triton is not None:
             w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
             acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
         _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                               WRITE_RELU)
+                               WRITE_RELU, KEEP)
 
     @triton.jit
     def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
@@ -371,9 +377,9 @@ def _rows_grid(num_rows, batch_size):
     return grid
 
 
-def _phi_forward_impl(x, weights, biases, eps, normalize_last):
+def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of every normalised hidden
-    layer (B, N, C), 1/std of every normalised hidden layer (B, N)].
+    layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no backward to come) only v.
 
     The input layer's activations are never stored: the first hidden layer's pass forms them from the points."""
     batch_size, num_points, _ = x.shape
@@ -391,9 +397,9 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
         last = i == len(weights) - 1
         normalize = normalize_last or not last
         out = empty_rows(channels)
-        rstd = empty_rows(dtype=torch.float32) if normalize else out
-        v = empty_rows(channels) if last and normalize else out
-        constants = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize,
+        rstd = empty_rows(dtype=torch.float32) if normalize and keep else out
+        v = empty_rows(channels) if last and normalize and keep else out
+        constants = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
                          PRECISION=_precision(act_dtype))
         if i == 1:
             _launch(_first_hidden_layer_fwd)[grid](x, weights[0], biases[0], stats, weights[1], biases[1], out, rstd,
@@ -404,7 +410,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last):
         if normalize:
             xhats.append(out), rstds.append(rstd)
         out = v
-    return [out, stats, *xhats, *rstds]
+    return [out, stats, *xhats, *rstds] if keep else [out]
 
 
 def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, points=None):
@@ -483,6 +489,11 @@ def _register():
                      eps: float, normalize_last: bool) -> list[torch.Tensor]:
         return _phi_forward_impl(x, weights, biases, eps, normalize_last)
 
+    @torch.library.triton_op('srn::phi_inference', mutates_args=())
+    def _phi_inference(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                       eps: float, normalize_last: bool) -> torch.Tensor:
+        return _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=False)[0]
+
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
     def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], bias0: torch.Tensor,
                       stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -530,4 +541,8 @@ def phi(x, layers, eps=1e-5):
         weights = [layers[0][0].float().contiguous()] + [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
         biases = [layers[0][1].float().reshape(x.shape[0], -1).contiguous()]
         biases += [b.to(dtype).reshape(x.shape[0], -1).contiguous() for _, b, _ in layers[1:]]
-        return torch.ops.srn.phi_forward(x.float().contiguous(), weights, biases, eps, layers[-1][2])[0]
+        x = x.float().contiguous()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
+            return torch.ops.srn.phi_forward(x, weights, biases, eps, layers[-1][2])[0]
+        # No backward to come (rendering, validation): the last layer stores phi's output alone.
+        return torch.ops.srn.phi_inference(x, weights, biases, eps, layers[-1][2])

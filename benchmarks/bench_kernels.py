@@ -61,10 +61,10 @@ def main(argv=None):
     cases = [
         ('_first_hidden_layer_fwd', kernels._first_hidden_layer_fwd, rows_grid,
          lambda kw: (x, w0, b0, stats, w, b, out, rstd, out2, N, N, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=False, PRECISION='tf32'), act_bytes, flops),
+         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), act_bytes, flops),
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
-         lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5), dict(C=C, NORMALIZE=True, WRITE_RELU=False,
-                                                                   PRECISION='tf32'), 2 * act_bytes, flops),
+         lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5),
+         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), 2 * act_bytes, flops),
         ('_hidden_layer_bwd (from the layer above)', kernels._hidden_layer_bwd, rows_grid,
          lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=True, PRECISION='tf32'), 3 * act_bytes, flops),
         ('_hidden_layer_bwd (phi\'s output gradient)', kernels._hidden_layer_bwd, rows_grid,

@@ -115,6 +115,20 @@ def test_odd_sizes_and_a_single_point():
 
 
 @requires_kernels
+@pytest.mark.parametrize('outermost_linear', [False, True])
+def test_without_gradients_phi_is_the_same(outermost_linear):
+    """Under no_grad the kernels store phi's output alone (no xhat or 1/std for a backward): same values."""
+    hyper, z, x, _ = make_phi(outermost_linear=outermost_linear, num_points=300 if DEVICE == 'cuda' else 70)
+    with torch.autocast(DEVICE, dtype=HALF):
+        layers = hyper(z).layers
+        with torch.no_grad():
+            without = kernels.phi(x, layers)
+        with_grad = kernels.phi(x.requires_grad_(), layers)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(without, with_grad.detach())
+
+
+@requires_kernels
 @pytest.mark.parametrize('split_rows', [64, 128, None])
 def test_weight_gradients_summed_over_splits_of_the_rows(split_rows):
     """dW = dpre^T relu(x) and db = sum of dpre, computed over runs of rows (the last one short) and summed, equal
@@ -272,7 +286,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
                                    torch.empty(B, N, C, device=DEVICE))
             stats_out = torch.empty(B, N, 2, device=DEVICE)
             launch(name, rows_grid, x, w0, b0, stats_out, w, b, out, rstd_out, relu, N, rows, eps, C=C,
-                   NORMALIZE=True, WRITE_RELU=True, PRECISION='ieee', config=config)
+                   NORMALIZE=True, WRITE_RELU=True, KEEP=True, PRECISION='ieee', config=config)
             xhat, rstd_expected = layer_norm(xhat0.clamp_min(0) @ w.transpose(1, 2) + b[:, None])
             expected = stats, xhat, rstd_expected, xhat.clamp_min(0)
             results = stats_out, out, rstd_out, relu
@@ -280,7 +294,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             out, rstd_out, relu = (torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE),
                                    torch.empty(B, N, C, device=DEVICE))
             launch(name, rows_grid, act, w, b, out, rstd_out, relu, N, rows, eps, C=C, NORMALIZE=True,
-                   WRITE_RELU=True, PRECISION='ieee', config=config)
+                   WRITE_RELU=True, KEEP=True, PRECISION='ieee', config=config)
             xhat, rstd_expected = layer_norm(act.clamp_min(0) @ w.transpose(1, 2) + b[:, None])
             expected, results = (xhat, rstd_expected, xhat.clamp_min(0)), (out, rstd_out, relu)
         elif name == '_hidden_layer_bwd':
