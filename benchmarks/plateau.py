@@ -63,8 +63,8 @@ def relapse_step(steps, losses, threshold, hold):
 def describe(steps, losses, escape, relapse):
     """One run's escape and relapse steps in words, with its first and last logged loss."""
     fell_back = f", fell back onto it at step {relapse}" if relapse is not None else ''
-    return (f"left the plateau at step {escape}{fell_back} "
-            f"(loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})")
+    left = f"left the plateau at step {escape}{fell_back}" if escape is not None else "never left the plateau"
+    return f"{left} (loss {losses[0]:.1f} at step {steps[0]}, {losses[-1]:.1f} at step {steps[-1]})"
 
 
 def parse_variant(text):

@@ -59,7 +59,8 @@ evaluate() {  # evaluate RUN_NAME CHECKPOINT STEPS: held-out PSNR of one checkpo
 }
 
 plateau() {  # plateau RUN_DIR: when the run left the plateau at its start (benchmarks/plateau.py), one line
-  "$PYTHON" benchmarks/plateau.py --read "$1" 2>/dev/null || echo "$(basename "$1"): no scaled_distortion_loss read"
+  "$PYTHON" benchmarks/plateau.py --read "$1" 2> "$1_plateau.log" ||
+      echo "$(basename "$1"): no scaled_distortion_loss read (see $(basename "$1")_plateau.log)"
 }
 
 fitted_seed() { [ "$FEWSHOT" -gt 0 ] && [[ " $FEWSHOT_SEEDS " == *" $1 "* ]]; }  # fitted_seed SEED: FEWSHOT fits its models

@@ -45,5 +45,11 @@ def test_read_describes_a_finished_run_from_its_event_files(tmp_path, capsys):
     plateau.main(['--read', str(run), '--hold', '1'])
     assert capsys.readouterr().out == ("fast_60s_seed0: left the plateau at step 20, fell back onto it at step 50 "
                                        "(loss 400.0 at step 0, 62.0 at step 80)\n")
+    stuck = tmp_path / 'fast_60s_seed1'
+    with SummaryWriter(str(stuck)) as writer:
+        for step, loss in zip(range(0, 30, 10), [400., 62., 61.]):
+            writer.add_scalar(plateau.LOSS_TAG, loss, step)
+    plateau.main(['--read', str(stuck), '--hold', '1'])
+    assert capsys.readouterr().out == "fast_60s_seed1: never left the plateau (loss 400.0 at step 0, 61.0 at step 20)\n"
     with pytest.raises(SystemExit):
         plateau.main([])  # neither OUT_DIR and --data_root nor --read
