@@ -98,6 +98,12 @@ if triton is not None:
                 + x1[:, None] * tl.load(w + 1)[None, :] + x2[:, None] * tl.load(w + 2)[None, :])
 
     @triton.jit
+    def _input_layer_stats(stats_ptr, b, rows, row_ok, N):
+        """The input layer's row statistics (mean, 1/std), (BLOCK_M,) float32 each, from stats (B, N, 2)."""
+        row = stats_ptr + (b * N + rows) * 2
+        return tl.load(row, mask=row_ok, other=0.), tl.load(row + 1, mask=row_ok, other=0.)
+
+    @triton.jit
     def _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C: tl.constexpr):
         """The input layer's normalised values on channels ks, recomputed from the points and the row statistics."""
         return (_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C) - mean[:, None]) * rstd[:, None]
@@ -137,8 +143,8 @@ if triton is not None:
                                 BLOCK_K: tl.constexpr):
         """The input layer and the first hidden layer in one pass: out = LayerNorm(relu(xhat0) @ W^T + b) with
         xhat0 = LayerNorm(x @ W0^T + b0) formed chunk by chunk from the points (x (B, N, 3), W0 (B, C, 3), b0 (B, C),
-        float32) and never stored; only its row statistics are, (mean, 1/std) in stats (B, N, 2), from which the
-        backward forms it again. Three multiply-adds an element against the product's C."""
+        float32) and never stored; only its row statistics are (with KEEP), (mean, 1/std) in stats (B, N, 2), from
+        which the backward forms it again. Three multiply-adds an element against the product's C."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -153,8 +159,9 @@ if triton is not None:
             centred = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C) - mean0[:, None]
             squares += tl.sum(centred * centred, axis=1)
         rstd0 = 1. / tl.sqrt(squares / C + eps)
-        tl.store(stats_ptr + (b * N + rows) * 2, mean0, mask=row_ok)
-        tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd0, mask=row_ok)
+        if KEEP:  # for the backward
+            tl.store(stats_ptr + (b * N + rows) * 2, mean0, mask=row_ok)
+            tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd0, mask=row_ok)
         acc = tl.zeros([BLOCK_M, C], dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -285,8 +292,7 @@ if triton is not None:
                              other=0.)  # (BLOCK_N, BLOCK_R)
             if FROM_POINTS:
                 x0, x1, x2 = _points(points_ptr, b, rs, row_ok, N)
-                mean = tl.load(stats_ptr + (b * N + rs) * 2, mask=row_ok, other=0.)
-                rstd = tl.load(stats_ptr + (b * N + rs) * 2 + 1, mask=row_ok, other=0.)
+                mean, rstd = _input_layer_stats(stats_ptr, b, rs, row_ok, N)
                 x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C)
             else:
                 x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
@@ -329,8 +335,7 @@ if triton is not None:
             grad = _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_M,
                                     BLOCK_K)
             x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-            mean = tl.load(stats_ptr + (b * N + rows) * 2, mask=row_ok, other=0.)
-            rstd = tl.load(stats_ptr + (b * N + rows) * 2 + 1, mask=row_ok, other=0.)
+            mean, rstd = _input_layer_stats(stats_ptr, b, rows, row_ok, N)
             xhat = _input_layer_xhat(x0, x1, x2, w_ptr, b_ptr, mean, rstd, b, cols, C)
             dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)
             tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
@@ -390,7 +395,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
 
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
-    stats = empty_rows(2, dtype=torch.float32)
+    stats = empty_rows(2, dtype=torch.float32) if keep else x  # (without keep a pointer the kernel leaves alone)
     xhats, rstds = [], []
     out = None
     for i in range(1, len(weights)):
