@@ -10,10 +10,11 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
 
 - forward, per layer: ``relu(x_prev) @ W^T + b -> LayerNorm`` in one pass; it stores the normalised values
   *before* the ReLU (xhat, what the backward needs) and 1/std per row, and the next layer applies the ReLU as
-  it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast, inside the
-  first hidden layer's pass: its three multiply-adds an element are cheap next to the product's 256, so its
-  activations are formed there from the points, chunk by chunk, and never stored; only its row statistics
-  (mean and 1/std) are, and the backward forms them again the same way.
+  it loads them. The input layer (3 -> 256) runs in float32, as ``HypoNetwork`` does under autocast, in a pass of
+  its own that stores its xhat in the activations' dtype (the next layer's operand) and its row statistics
+  (mean and 1/std), from which its backward forms xhat again in float32. (Forming the input layer's activations
+  from the points inside the next layer's product instead saves two stored activations but starves that product's
+  pipeline: benchmarks/NOTES.md, rounds 3 and 4.)
 - backward, per layer from the top: the layer above's d(pre-activation) through its W, then LayerNorm's backward
   (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
   ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
@@ -131,46 +132,30 @@ if triton is not None:
             tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
 
-    @triton.autotune(configs=_configs('_first_hidden_layer_fwd',
-                                      ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
-                                      ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
-                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
+    @triton.autotune(configs=_configs('_input_layer_fwd',
+                                      ({'BLOCK_M': 32}, 4, 2), ({'BLOCK_M': 64}, 8, 2), ({'BLOCK_M': 16}, 4, 2),
+                                      ({'BLOCK_M': 32}, 8, 2)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
-    def _first_hidden_layer_fwd(x_ptr, w0_ptr, b0_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N,
-                                ROWS_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
-                                KEEP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
-        """The input layer and the first hidden layer in one pass: out = LayerNorm(relu(xhat0) @ W^T + b) with
-        xhat0 = LayerNorm(x @ W0^T + b0) formed chunk by chunk from the points (x (B, N, 3), W0 (B, C, 3), b0 (B, C),
-        float32) and never stored; only its row statistics are (with KEEP), (mean, 1/std) in stats (B, N, 2), from
-        which the backward forms it again. Three multiply-adds an element against the product's C."""
+    def _input_layer_fwd(x_ptr, w0_ptr, b0_ptr, stats_ptr, out_ptr, N, ROWS_KEY, eps, C: tl.constexpr,
+                         KEEP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """xhat0 = LayerNorm(x @ W0^T + b0) for x (B, N, 3), W0 (B, C, 3), b0 (B, C), in float32, stored in the
+        activations' dtype for the next layer and the weight gradient; with KEEP also the row statistics (mean,
+        1/std), (B, N, 2) float32, from which the input layer's backward forms xhat0 again in float32."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         cols = tl.arange(0, C)
         x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)  # the input layer's mean, then centred sum of squares
-        for k0 in range(0, C, BLOCK_K):
-            total += tl.sum(_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C), axis=1)
-        mean0 = total / C
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            centred = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C) - mean0[:, None]
-            squares += tl.sum(centred * centred, axis=1)
-        rstd0 = 1. / tl.sqrt(squares / C + eps)
-        if KEEP:  # for the backward
-            tl.store(stats_ptr + (b * N + rows) * 2, mean0, mask=row_ok)
-            tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd0, mask=row_ok)
-        acc = tl.zeros([BLOCK_M, C], dtype=tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean0, rstd0, b, ks, C)
-            x = tl.maximum(x, 0.).to(w_ptr.dtype.element_ty)  # the input layer's ReLU
-            w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
-            acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                               WRITE_RELU, KEEP)
+        pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C)
+        mean = tl.sum(pre, axis=1) / C
+        pre = pre - mean[:, None]
+        rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+        if KEEP:
+            tl.store(stats_ptr + (b * N + rows) * 2, mean, mask=row_ok)
+            tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
+        tl.store(out_ptr + b * N * C + rows[:, None] * C + cols[None, :],
+                 (pre * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_hidden_layer_fwd',
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
@@ -262,16 +247,13 @@ if triton is not None:
                                       ({'BLOCK_N': 128, 'BLOCK_K': 64, 'BLOCK_R': 64}, 4, 3),
                                       ({'BLOCK_N': 256, 'BLOCK_K': 64, 'BLOCK_R': 64}, 8, 3),
                                       ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
-                     key=['ROWS_KEY', 'C'])
+                     key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])
     @triton.jit
-    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, points_ptr, w0_ptr, b0_ptr, stats_ptr, dw_ptr, db_ptr, N,
-                                  ROWS_KEY, SPLIT_ROWS, C: tl.constexpr, FROM_POINTS: tl.constexpr,
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS, C: tl.constexpr,
                                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   BLOCK_R: tl.constexpr):
-        """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for one (BLOCK_N, BLOCK_K) tile of one split.
-
-        x is the layer's input (B, N, C), or with FROM_POINTS the input layer's xhat, formed from the points
-        (B, N, 3), the input layer's W0 and b0 and its row statistics (B, N, 2) (x_ptr unused).
+        """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for one (BLOCK_N, BLOCK_K) tile of one split;
+        dpre and x, the layer's input, (B, N, C).
 
         The rows of an observation are split into S = cdiv(N, SPLIT_ROWS) runs of SPLIT_ROWS (a multiple of
         BLOCK_R), one program each, so that there are enough programs to fill the GPU; program 2 counts
@@ -290,12 +272,7 @@ if triton is not None:
             row_ok = rs < N
             dpre_t = tl.load(dpre_ptr + b * N * C + rs[None, :] * C + ns[:, None], mask=row_ok[None, :],
                              other=0.)  # (BLOCK_N, BLOCK_R)
-            if FROM_POINTS:
-                x0, x1, x2 = _points(points_ptr, b, rs, row_ok, N)
-                mean, rstd = _input_layer_stats(stats_ptr, b, rs, row_ok, N)
-                x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C)
-            else:
-                x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
+            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
             x = tl.where(x > 0, x, 0.).to(dpre_t.dtype)  # the previous layer's ReLU
             acc = tl.dot(dpre_t, x, acc, input_precision=PRECISION)
             if pid_k == 0:
@@ -305,8 +282,8 @@ if triton is not None:
             tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3),
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4),
                                       ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
@@ -315,20 +292,20 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db, from the
         first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``) and the
-        input layer's row statistics (B, N, 2), from which its xhat is formed again.
+        input layer's row statistics (B, N, 2), from which its xhat is formed again in float32.
 
         The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic.
+        Each tile's rows are summed as it is done, so the running sums are (C,) vectors, not (BLOCK_M, C) tiles.
         """
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
         w0 = tl.load(w_ptr + b * C * 3 + cols * 3).to(tl.float32)
         w1 = tl.load(w_ptr + b * C * 3 + cols * 3 + 1).to(tl.float32)
         w2 = tl.load(w_ptr + b * C * 3 + cols * 3 + 2).to(tl.float32)
-        # (BLOCK_M, C) running sums, reduced over rows once at the end
-        dw0 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
-        dw1 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
-        dw2 = tl.zeros([BLOCK_M, C], dtype=tl.float32)
-        db = tl.zeros([BLOCK_M, C], dtype=tl.float32)
+        dw0 = tl.zeros([C], dtype=tl.float32)
+        dw1 = tl.zeros([C], dtype=tl.float32)
+        dw2 = tl.zeros([C], dtype=tl.float32)
+        db = tl.zeros([C], dtype=tl.float32)
         for r0 in range(0, ROWS, BLOCK_M):
             rows = pid_m * ROWS + r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < N
@@ -337,19 +314,19 @@ if triton is not None:
             x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
             mean, rstd = _input_layer_stats(stats_ptr, b, rows, row_ok, N)
             xhat = _input_layer_xhat(x0, x1, x2, w_ptr, b_ptr, mean, rstd, b, cols, C)
-            dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)
+            dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)  # (BLOCK_M, C); rows past N are 0 (rstd 0)
             tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
             tl.store(dx_ptr + b * N * 3 + rows * 3 + 1, tl.sum(dpre * w1[None, :], axis=1), mask=row_ok)
             tl.store(dx_ptr + b * N * 3 + rows * 3 + 2, tl.sum(dpre * w2[None, :], axis=1), mask=row_ok)
-            dw0 += dpre * x0[:, None]
-            dw1 += dpre * x1[:, None]
-            dw2 += dpre * x2[:, None]
-            db += dpre
+            dw0 += tl.sum(dpre * x0[:, None], axis=0)
+            dw1 += tl.sum(dpre * x1[:, None], axis=0)
+            dw2 += tl.sum(dpre * x2[:, None], axis=0)
+            db += tl.sum(dpre, axis=0)
         part = b * tl.num_programs(0) + pid_m
-        tl.store(dw_part_ptr + (part * 3) * C + cols, tl.sum(dw0, axis=0))
-        tl.store(dw_part_ptr + (part * 3 + 1) * C + cols, tl.sum(dw1, axis=0))
-        tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, tl.sum(dw2, axis=0))
-        tl.store(db_part_ptr + part * C + cols, tl.sum(db, axis=0))
+        tl.store(dw_part_ptr + (part * 3) * C + cols, dw0)
+        tl.store(dw_part_ptr + (part * 3 + 1) * C + cols, dw1)
+        tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, dw2)
+        tl.store(db_part_ptr + part * C + cols, db)
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
@@ -383,10 +360,9 @@ def _rows_grid(num_rows, batch_size):
 
 
 def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
-    """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of every normalised hidden
-    layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no backward to come) only v.
-
-    The input layer's activations are never stored: the first hidden layer's pass forms them from the points."""
+    """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of the input layer and of every
+    normalised hidden layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no
+    backward to come) only v."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
     channels = weights[0].shape[-2]
@@ -396,7 +372,9 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     stats = empty_rows(2, dtype=torch.float32) if keep else x  # (without keep a pointer the kernel leaves alone)
-    xhats, rstds = [], []
+    xhats, rstds = [empty_rows(channels)], []
+    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], stats, xhats[0], num_points, rows_key, eps,
+                                    C=channels, KEEP=keep)
     out = None
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
@@ -404,24 +382,17 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
         out = empty_rows(channels)
         rstd = empty_rows(dtype=torch.float32) if normalize and keep else out
         v = empty_rows(channels) if last and normalize and keep else out
-        constants = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
-                         PRECISION=_precision(act_dtype))
-        if i == 1:
-            _launch(_first_hidden_layer_fwd)[grid](x, weights[0], biases[0], stats, weights[1], biases[1], out, rstd,
-                                                   v, num_points, rows_key, eps, **constants)
-        else:
-            _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
-                                             eps, **constants)
+        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, eps,
+                                         C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
+                                         PRECISION=_precision(act_dtype))
         if normalize:
             xhats.append(out), rstds.append(rstd)
         out = v
     return [out, stats, *xhats, *rstds] if keep else [out]
 
 
-def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, points=None):
-    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C);
-    with ``points`` = (points (B, N, 3), W0, b0, row statistics (B, N, 2)) x is the input layer's xhat, formed
-    from them (x unused)."""
+def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
+    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C)."""
     batch_size, num_points, channels = dpre.shape
     split_rows = split_rows or WEIGHT_ROWS
     assert split_rows % 64 == 0, "rows per split must be whole steps of every candidate's BLOCK_R"
@@ -434,9 +405,8 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, points=None):
 
     def grid(meta):
         return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size * splits)
-    _launch(_hidden_layer_bwd_weights)[grid](dpre, dpre if x is None else x, *(points or (dpre,) * 4), dw, db,
-                                             num_points, rows_key, split_rows, C=channels,
-                                             FROM_POINTS=points is not None, PRECISION=_precision(dtype))
+    _launch(_hidden_layer_bwd_weights)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels,
+                                             PRECISION=_precision(dtype))
     if splits == 1:
         return dw, db
     return (dw.view(batch_size, splits, channels, channels).sum(1).to(dtype),
@@ -445,35 +415,35 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, points=None):
 
 def _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from what
-    the forward kept: the input layer's row statistics, and xhat and 1/std of the normalised hidden layers.
+    the forward kept: the input layer's row statistics, xhat of the input layer and of the normalised hidden
+    layers, and their 1/std.
 
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
-    input layer's pass forms its own from the first hidden layer's dpre, and its xhat again from the points."""
+    input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
+    points and its row statistics."""
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
     dtype = weights[1].dtype
-    top = len(weights) - 1  # hidden layers 1..top; xhats[i - 1] and rstds[i - 1] are layer i's
+    top = len(weights) - 1  # hidden layers 1..top; xhats[i] and rstds[i - 1] are layer i's, xhats[0] the input's
 
     def empty_rows(*shape, dtype=dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
-    if top <= len(xhats):  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
+    if len(rstds) == top:  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
         dpre = empty_rows(channels)
-        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top - 1], rstds[top - 1], dpre, num_points,
+        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top], rstds[top - 1], dpre, num_points,
                                          rows_key, C=channels, ABOVE=False, PRECISION=_precision(dtype))
     else:  # a linear last layer
         dpre = grad_v.to(dtype)
     grads = []
     for i in range(top, 0, -1):
+        grads = [*_weight_gradients(dpre, xhats[i - 1], dtype, rows_key), *grads]
         if i > 1:
-            grads = [*_weight_gradients(dpre, xhats[i - 2], dtype, rows_key), *grads]
             below = empty_rows(channels)
-            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 2], rstds[i - 2], below, num_points,
+            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 1], rstds[i - 2], below, num_points,
                                              rows_key, C=channels, ABOVE=True, PRECISION=_precision(dtype))
             dpre = below
-        else:
-            grads = [*_weight_gradients(dpre, None, dtype, rows_key, points=(x, weights[0], bias0, stats)), *grads]
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
     num_parts = triton.cdiv(num_points, INPUT_ROWS)
     dx = torch.empty_like(x)
@@ -508,7 +478,7 @@ def _register():
         x, weights, biases, _, normalize_last = inputs
         hidden = len(weights) - 1
         num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
-        stats, xhats, rstds = output[1], output[2:2 + num_norm], output[2 + num_norm:]
+        stats, xhats, rstds = output[1], output[2:3 + num_norm], output[3 + num_norm:]  # xhats[0]: input layer's
         ctx.num_layers, ctx.num_norm = len(weights), num_norm
         ctx.save_for_backward(x, biases[0], stats, *weights, *xhats, *rstds)
         ctx.mark_non_differentiable(stats, *xhats, *rstds)
@@ -517,7 +487,7 @@ def _register():
         saved = ctx.saved_tensors
         n, m = ctx.num_layers, ctx.num_norm
         x, bias0, stats, weights = saved[0], saved[1], saved[2], list(saved[3:3 + n])
-        xhats, rstds = list(saved[3 + n:3 + n + m]), list(saved[3 + n + m:])
+        xhats, rstds = list(saved[3 + n:4 + n + m]), list(saved[4 + n + m:])
         flat = _phi_backward(grads[0].contiguous(), x, weights, bias0, stats, xhats, rstds)
         return flat[0], flat[1::2], flat[2::2], None, None
 

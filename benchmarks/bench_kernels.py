@@ -59,9 +59,8 @@ def main(argv=None):
 
     rows_grid = lambda meta: (triton_cdiv(N, meta['BLOCK_M']), B)  # noqa: E731
     cases = [
-        ('_first_hidden_layer_fwd', kernels._first_hidden_layer_fwd, rows_grid,
-         lambda kw: (x, w0, b0, stats, w, b, out, rstd, out2, N, N, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), act_bytes, flops),
+        ('_input_layer_fwd', kernels._input_layer_fwd, rows_grid, lambda kw: (x, w0, b0, stats, out, N, N, 1e-5),
+         dict(C=C, KEEP=True), act_bytes, 0),
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
          lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5),
          dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), 2 * act_bytes, flops),
@@ -80,20 +79,11 @@ def main(argv=None):
         cases.append((f'_hidden_layer_bwd_weights (split {split_rows})', kernels._hidden_layer_bwd_weights,
                       lambda meta, splits=splits: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
                       lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
-                          (act, act2, act, act, act, act, dw_share, db_share, N, N, split_rows),
-                      dict(C=C, FROM_POINTS=False, PRECISION='tf32'), 2 * act_bytes, flops))
+                          (act, act2, dw_share, db_share, N, N, split_rows),
+                      dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops))
         report(f'kernels._weight_gradients (split {split_rows}, autotuned, shares summed)',
                do_bench(lambda split_rows=split_rows: kernels._weight_gradients(act, act2, bf16, N, split_rows)),
                2 * act_bytes, flops)
-    split_rows = kernels.WEIGHT_ROWS  # the first hidden layer's: its input formed from the points
-    splits = triton_cdiv(N, split_rows)
-    dw_share = torch.empty(B * splits, C, C, device=dev)
-    db_share = torch.empty(B * splits, C, device=dev)
-    cases.append((f'_hidden_layer_bwd_weights (split {split_rows}, from the points)',
-                  kernels._hidden_layer_bwd_weights,
-                  lambda meta: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
-                  lambda kw: (act, act, x, w0, b0, stats, dw_share, db_share, N, N, split_rows),
-                  dict(C=C, FROM_POINTS=True, PRECISION='tf32'), act_bytes, flops))
     for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
         for config in kernels.CANDIDATES[name.split()[0]]:
             meta = dict(config.kwargs)
