@@ -93,10 +93,11 @@ if triton is not None:
 
     @triton.jit
     def _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C: tl.constexpr):
-        """The input layer's pre-activation x @ W0^T + b0 on channels ks, (rows, len(ks)) float32; W0 (B, C, 3)."""
-        w = w0_ptr + b * C * 3 + ks * 3
+        """The input layer's pre-activation x @ W0^T + b0 on channels ks, (rows, len(ks)) float32, from W0
+        transposed, (B, 3, C): each coordinate's weights contiguous."""
+        w = w0_ptr + b * 3 * C + ks
         return (tl.load(b0_ptr + b * C + ks)[None, :] + x0[:, None] * tl.load(w)[None, :]
-                + x1[:, None] * tl.load(w + 1)[None, :] + x2[:, None] * tl.load(w + 2)[None, :])
+                + x1[:, None] * tl.load(w + C)[None, :] + x2[:, None] * tl.load(w + 2 * C)[None, :])
 
     @triton.jit
     def _input_layer_stats(stats_ptr, b, rows, row_ok, N):
@@ -133,29 +134,50 @@ if triton is not None:
                      mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_input_layer_fwd',
-                                      ({'BLOCK_M': 32}, 4, 2), ({'BLOCK_M': 64}, 8, 2), ({'BLOCK_M': 16}, 4, 2),
-                                      ({'BLOCK_M': 32}, 8, 2)),
+                                      ({'BLOCK_M': 16, 'BLOCK_K': 256}, 4, 2), ({'BLOCK_M': 32, 'BLOCK_K': 256}, 4, 2),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 256}, 8, 2), ({'BLOCK_M': 64, 'BLOCK_K': 256}, 8, 2),
+                                      ({'BLOCK_M': 128, 'BLOCK_K': 32}, 4, 2)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
     def _input_layer_fwd(x_ptr, w0_ptr, b0_ptr, stats_ptr, out_ptr, N, ROWS_KEY, eps, C: tl.constexpr,
-                         KEEP: tl.constexpr, BLOCK_M: tl.constexpr):
-        """xhat0 = LayerNorm(x @ W0^T + b0) for x (B, N, 3), W0 (B, C, 3), b0 (B, C), in float32, stored in the
+                         KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """xhat0 = LayerNorm(x @ W0^T + b0) for x (B, N, 3), W0^T (B, 3, C), b0 (B, C), in float32, stored in the
         activations' dtype for the next layer and the weight gradient; with KEEP also the row statistics (mean,
-        1/std), (B, N, 2) float32, from which the input layer's backward forms xhat0 again in float32."""
+        1/std), (B, N, 2) float32, from which the input layer's backward forms xhat0 again in float32.
+
+        With BLOCK_K >= C a (BLOCK_M, C) tile at once; else in channel chunks of BLOCK_K, three times over (the
+        mean, the centred sum of squares, the output): three multiply-adds an element, so more rows a program."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        cols = tl.arange(0, C)
         x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-        pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C)
-        mean = tl.sum(pre, axis=1) / C
-        pre = pre - mean[:, None]
-        rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+        if BLOCK_K >= C:
+            cols = tl.arange(0, C)
+            pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C)
+            mean = tl.sum(pre, axis=1) / C
+            pre = pre - mean[:, None]
+            rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+            tl.store(out_ptr + b * N * C + rows[:, None] * C + cols[None, :],
+                     (pre * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, C, BLOCK_K):
+                total += tl.sum(_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, k0 + tl.arange(0, BLOCK_K), C), 1)
+            mean = total / C
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, C, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                centred = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C) - mean[:, None]
+                squares += tl.sum(centred * centred, axis=1)
+            rstd = 1. / tl.sqrt(squares / C + eps)
+            for k0 in range(0, C, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xhat = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C)
+                tl.store(out_ptr + b * N * C + rows[:, None] * C + ks[None, :], xhat.to(out_ptr.dtype.element_ty),
+                         mask=row_ok[:, None])
         if KEEP:
             tl.store(stats_ptr + (b * N + rows) * 2, mean, mask=row_ok)
             tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
-        tl.store(out_ptr + b * N * C + rows[:, None] * C + cols[None, :],
-                 (pre * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_hidden_layer_fwd',
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
@@ -282,9 +304,9 @@ if triton is not None:
             tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4),
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4),
+                                      ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 32}, 4, 4),
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
     def _input_layer_bwd(dpre_above_ptr, w_above_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
@@ -292,16 +314,16 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """The input layer's backward for ROWS rows: dx (B, N, 3) and these rows' share of dW and db, from the
         first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``) and the
-        input layer's row statistics (B, N, 2), from which its xhat is formed again in float32.
+        input layer's row statistics (B, N, 2), from which its xhat is formed again in float32; W0^T (B, 3, C).
 
         The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic.
         Each tile's rows are summed as it is done, so the running sums are (C,) vectors, not (BLOCK_M, C) tiles.
         """
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
-        w0 = tl.load(w_ptr + b * C * 3 + cols * 3).to(tl.float32)
-        w1 = tl.load(w_ptr + b * C * 3 + cols * 3 + 1).to(tl.float32)
-        w2 = tl.load(w_ptr + b * C * 3 + cols * 3 + 2).to(tl.float32)
+        w0 = tl.load(w_ptr + b * 3 * C + cols).to(tl.float32)  # W0^T (B, 3, C)
+        w1 = tl.load(w_ptr + b * 3 * C + C + cols).to(tl.float32)
+        w2 = tl.load(w_ptr + b * 3 * C + 2 * C + cols).to(tl.float32)
         dw0 = tl.zeros([C], dtype=tl.float32)
         dw1 = tl.zeros([C], dtype=tl.float32)
         dw2 = tl.zeros([C], dtype=tl.float32)
@@ -365,7 +387,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     backward to come) only v."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
-    channels = weights[0].shape[-2]
+    channels = weights[1].shape[-2]
     act_dtype = weights[1].dtype
     grid = _rows_grid(num_points, batch_size)
 
@@ -452,7 +474,7 @@ def _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds):
     _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], stats, x, weights[0], bias0, dx, dw_part,
                                                        db_part, num_points, rows_key, C=channels, ROWS=INPUT_ROWS,
                                                        PRECISION=_precision(dtype))
-    dw0 = dw_part.sum(1).transpose(1, 2).to(weights[0].dtype)  # (B, C, 3)
+    dw0 = dw_part.sum(1).to(weights[0].dtype)  # (B, 3, C), the gradient of W0^T
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]
 
@@ -513,7 +535,10 @@ def phi(x, layers, eps=1e-5):
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        weights = [layers[0][0].float().contiguous()] + [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
+        # The input layer's W0 goes in transposed, (B, 3, C), so that the kernels read each coordinate's weights
+        # contiguously; autograd takes its gradient back through the transpose.
+        weights = [layers[0][0].float().transpose(1, 2).contiguous()]
+        weights += [w.to(dtype).contiguous() for w, _, _ in layers[1:]]
         biases = [layers[0][1].float().reshape(x.shape[0], -1).contiguous()]
         biases += [b.to(dtype).reshape(x.shape[0], -1).contiguous() for _, b, _ in layers[1:]]
         x = x.float().contiguous()

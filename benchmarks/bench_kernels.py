@@ -32,7 +32,7 @@ def main(argv=None):
     dev, bf16, f32 = 'cuda', torch.bfloat16, torch.float32
     torch.manual_seed(0)
     x = torch.randn(B, N, 3, device=dev)
-    w0, b0 = torch.randn(B, C, 3, device=dev), torch.randn(B, C, device=dev)
+    w0, b0 = torch.randn(B, 3, C, device=dev), torch.randn(B, C, device=dev)  # W0 transposed, as the kernels take it
     act = torch.randn(B, N, C, device=dev, dtype=bf16)
     act2 = torch.randn(B, N, C, device=dev, dtype=bf16)
     w, b = torch.randn(B, C, C, device=dev, dtype=bf16) / 16, torch.randn(B, C, device=dev, dtype=bf16)

@@ -283,6 +283,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
 
     def layer_norm(pre):
         return F.layer_norm(pre, (C,), eps=eps), 1 / torch.sqrt(pre.var(-1, unbiased=False) + eps)
+    w0t = w0.transpose(1, 2).contiguous()  # the kernels take W0 transposed, (B, 3, C)
     pre0 = x @ w0.transpose(1, 2) + b0[:, None]
     xhat0, rstd0 = layer_norm(pre0)
     stats = torch.stack([pre0.mean(-1), rstd0], -1)  # the input layer's row statistics (B, N, 2)
@@ -290,7 +291,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
         rows_grid = (cdiv(N, config.kwargs.get('BLOCK_M', 1)), B)
         if name == '_input_layer_fwd':
             out, stats_out = torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, 2, device=DEVICE)
-            launch(name, rows_grid, x, w0, b0, stats_out, out, N, rows, eps, C=C, KEEP=True, config=config)
+            launch(name, rows_grid, x, w0t, b0, stats_out, out, N, rows, eps, C=C, KEEP=True, config=config)
             expected, results = (xhat0, stats), (out, stats_out)
         elif name == '_hidden_layer_fwd':
             out, rstd_out, relu = (torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE),
@@ -319,7 +320,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             parts = cdiv(N, kernels.INPUT_ROWS)
             dx = torch.empty_like(x)
             dw_part, db_part = torch.empty(B, parts, 3, C, device=DEVICE), torch.empty(B, parts, C, device=DEVICE)
-            launch(name, (parts, B), grad, w, stats, x, w0, b0, dx, dw_part, db_part, N, rows, C=C,
+            launch(name, (parts, B), grad, w, stats, x, w0t, b0, dx, dw_part, db_part, N, rows, C=C,
                    ROWS=kernels.INPUT_ROWS, PRECISION='ieee', config=config)
             dpre = layer_norm_relu_backward(grad @ w, xhat0, rstd0)
             expected = dpre @ w0, dpre.transpose(1, 2) @ x, dpre.sum(1)
