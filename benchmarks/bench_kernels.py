@@ -5,7 +5,7 @@ kernel's time per candidate and the memory bandwidth and matrix rate that time i
 takes for the same work (a copy of one activation, the batched product, LayerNorm), so a slow kernel shows
 whether it is far from the memory roofline or from the matrix units.
 
-    python benchmarks/bench_kernels.py [--out kernels.json]
+    python benchmarks/bench_kernels.py [--only_phi] [--out kernels.json]
 """
 import argparse
 import json
@@ -24,6 +24,8 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=64)
     parser.add_argument('--points', type=int, default=4096)
     parser.add_argument('--out', default='kernels.json')
+    parser.add_argument('--only_phi', action='store_true',
+                        help='only whole evaluations of phi (each implementation), not each kernel and candidate')
     args = parser.parse_args(argv)
     if not kernels.available() or not torch.cuda.is_available():
         raise SystemExit('bench_kernels.py needs a CUDA device and Triton')
@@ -52,6 +54,11 @@ def main(argv=None):
         bandwidth = f"{row['TB/s']:5.2f}" if bytes_moved else '    -'
         print(f"{name:60s} {row['us']:8.1f} us  {bandwidth} TB/s  {row['TFLOP/s']:6.1f} TFLOP/s", flush=True)
 
+    if args.only_phi:
+        phi_evaluations(B, N, C, report)
+        pathlib.Path(args.out).write_text(json.dumps({'device': torch.cuda.get_device_name(), 'shape': [B, N, C],
+                                                      'results': results}, indent=1))
+        return
     report('torch: copy one activation (B, N, C) bf16', do_bench(lambda: out.copy_(act)), 2 * act_bytes)
     report('torch: bmm (B, N, C) @ (B, C, C) bf16', do_bench(lambda: torch.bmm(act, w.transpose(1, 2))),
            2 * act_bytes, flops)
@@ -156,6 +163,15 @@ def phi_evaluations(B, N, C, report):
                    None, 3 * flops)
         except Exception as error:
             print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
+    # Without a backward, the kernel that carries each row tile through every layer (kernels.INFERENCE).
+    kernels.INFERENCE = 'one_pass'
+    try:
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+            report('phi, kernels one pass: forward', do_bench(lambda: kernels.phi(x, layers)), None, flops)
+    except Exception as error:
+        print(f'phi, kernels one pass: failed: {str(error)[:300]}', flush=True)
+    finally:
+        kernels.INFERENCE = 'layers'
 
 
 def triton_cdiv(a, b):
