@@ -45,12 +45,6 @@ INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 # SRN_KERNELS_AUTOTUNE=0 skips autotuning (first candidate of each kernel): quick compiles, e.g. for tests.
 AUTOTUNE = os.environ.get('SRN_KERNELS_AUTOTUNE', '1') != '0' and not INTERPRET
 
-# SRN_KERNELS_INFERENCE=one_pass: phi without a backward (rendering, validation) in one kernel that carries each
-# row tile through every layer on chip (``_phi_inference_fwd``) instead of one kernel a layer ('layers', the
-# default); read at import, and ``INFERENCE`` may be set at run time.
-INFERENCE = os.environ.get('SRN_KERNELS_INFERENCE', 'layers')
-if INFERENCE not in ('layers', 'one_pass'):
-    raise ValueError(f"SRN_KERNELS_INFERENCE={INFERENCE!r}: expected 'layers' or 'one_pass'")
 
 # The widest tile of the autotuning candidates is 256 columns; the interpreter runs only the first candidate,
 # whose tiles are at most 128 wide, so the tests can use C = 128 there.
@@ -209,68 +203,6 @@ if triton is not None:
             acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
         _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
                                WRITE_RELU, KEEP)
-
-    @triton.jit
-    def _layer_norm_halves(lo, hi, eps, C: tl.constexpr):
-        """LayerNorm (no affine) of rows held as two column halves, (rows, C/2) float32 each."""
-        mean = (tl.sum(lo, axis=1) + tl.sum(hi, axis=1)) / C
-        lo, hi = lo - mean[:, None], hi - mean[:, None]
-        rstd = 1. / tl.sqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / C + eps)
-        return lo * rstd[:, None], hi * rstd[:, None]
-
-    @triton.jit
-    def _hidden_layer_halves(h_lo, h_hi, w_ptr, b_ptr, C: tl.constexpr, PRECISION: tl.constexpr):
-        """h @ W^T + b for a tile held as two column halves (rows, C/2) in the weights' dtype, W (C, C) and b (C,)
-        at the pointers: four (C/2, C/2) blocks of W^T, each loaded once, and the result in halves, float32."""
-        HALF: tl.constexpr = C // 2
-        lo = tl.arange(0, HALF)
-        # W^T block (k in half i, n in half j) = W[j * HALF + n, i * HALF + k]
-        w_t = w_ptr + lo[None, :] * C + lo[:, None]
-        out_lo = tl.dot(h_lo, tl.load(w_t), input_precision=PRECISION)
-        out_lo = tl.dot(h_hi, tl.load(w_t + HALF), out_lo, input_precision=PRECISION)
-        out_hi = tl.dot(h_lo, tl.load(w_t + HALF * C), input_precision=PRECISION)
-        out_hi = tl.dot(h_hi, tl.load(w_t + HALF * C + HALF), out_hi, input_precision=PRECISION)
-        return (out_lo + tl.load(b_ptr + lo).to(tl.float32)[None, :],
-                out_hi + tl.load(b_ptr + HALF + lo).to(tl.float32)[None, :])
-
-    @triton.autotune(configs=_configs('_phi_inference_fwd',
-                                      ({'BLOCK_M': 32}, 4, 1), ({'BLOCK_M': 64}, 8, 1), ({'BLOCK_M': 32}, 8, 1),
-                                      ({'BLOCK_M': 64}, 4, 1), ({'BLOCK_M': 128}, 8, 1)),
-                     key=['ROWS_KEY', 'C'])
-    @triton.jit
-    def _phi_inference_fwd(x_ptr, w0_ptr, b0_ptr, w_ptr, b_ptr, out_ptr, N, ROWS_KEY, eps, C: tl.constexpr,
-                           LAYERS: tl.constexpr, NORMALIZE_LAST: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
-        """phi(x) in one pass, for no backward: a (BLOCK_M, C) row tile carried through every layer on chip, only
-        phi's output stored. x (B, N, 3), W0^T (B, 3, C) and b0 (B, C) float32; the LAYERS hidden layers stacked,
-        W (B, LAYERS, C, C) and b (B, LAYERS, C) in the activations' dtype; out (B, N, C).
-
-        The same arithmetic as the per-layer kernels (input layer in float32; each hidden layer's operand relu(xhat)
-        rounded to the activations' dtype, float32 accumulation), the tile held as two column halves so that each
-        product takes one (C/2, C/2) block of W^T at a time."""
-        HALF: tl.constexpr = C // 2
-        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        lo = tl.arange(0, HALF)
-        x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-        h_lo, h_hi = _layer_norm_halves(_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, lo, C),
-                                        _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, HALF + lo, C), eps, C)
-        dtype = w_ptr.dtype.element_ty
-        h_lo, h_hi = tl.maximum(h_lo, 0.).to(dtype), tl.maximum(h_hi, 0.).to(dtype)
-        for layer in range(LAYERS - 1):  # the normalised hidden layers below the last
-            w_layer, b_layer = w_ptr + (b * LAYERS + layer) * C * C, b_ptr + (b * LAYERS + layer) * C
-            h_lo, h_hi = _layer_norm_halves(*_hidden_layer_halves(h_lo, h_hi, w_layer, b_layer, C, PRECISION),
-                                            eps, C)
-            h_lo, h_hi = tl.maximum(h_lo, 0.).to(dtype), tl.maximum(h_hi, 0.).to(dtype)
-        top = b * LAYERS + LAYERS - 1
-        v_lo, v_hi = _hidden_layer_halves(h_lo, h_hi, w_ptr + top * C * C, b_ptr + top * C, C, PRECISION)
-        if NORMALIZE_LAST:
-            v_lo, v_hi = _layer_norm_halves(v_lo, v_hi, eps, C)
-            v_lo, v_hi = tl.maximum(v_lo, 0.), tl.maximum(v_hi, 0.)
-        out = out_ptr + b * N * C + rows[:, None] * C + lo[None, :]
-        tl.store(out, v_lo.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(out + HALF, v_hi.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
@@ -481,21 +413,6 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     return [out, stats, *xhats, *rstds] if keep else [out]
 
 
-def _phi_inference_one_pass(x, weights, biases, eps, normalize_last):
-    """phi's output v (B, N, C) in one kernel (``_phi_inference_fwd``): weights and biases as for
-    ``_phi_forward_impl``, the hidden layers' stacked here into (B, LAYERS, C, C) and (B, LAYERS, C)."""
-    batch_size, num_points, _ = x.shape
-    channels = weights[1].shape[-2]
-    act_dtype = weights[1].dtype
-    w = torch.stack(weights[1:], 1)  # (B, LAYERS, C, C)
-    b = torch.stack(biases[1:], 1)  # (B, LAYERS, C)
-    out = torch.empty(batch_size, num_points, channels, device=x.device, dtype=act_dtype)
-    _launch(_phi_inference_fwd)[_rows_grid(num_points, batch_size)](
-        x, weights[0], biases[0], w, b, out, num_points, _rows_key(num_points), eps, C=channels,
-        LAYERS=len(weights) - 1, NORMALIZE_LAST=normalize_last, PRECISION=_precision(act_dtype))
-    return out
-
-
 def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
     """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C)."""
     batch_size, num_points, channels = dpre.shape
@@ -574,11 +491,6 @@ def _register():
                        eps: float, normalize_last: bool) -> torch.Tensor:
         return _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=False)[0]
 
-    @torch.library.triton_op('srn::phi_inference_one_pass', mutates_args=())
-    def _phi_inference_one_pass_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                                   eps: float, normalize_last: bool) -> torch.Tensor:
-        return _phi_inference_one_pass(x, weights, biases, eps, normalize_last)
-
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
     def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], bias0: torch.Tensor,
                       stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -632,8 +544,5 @@ def phi(x, layers, eps=1e-5):
         x = x.float().contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
             return torch.ops.srn.phi_forward(x, weights, biases, eps, layers[-1][2])[0]
-        # No backward to come (rendering, validation): the last layer stores phi's output alone, or (INFERENCE
-        # 'one_pass') one kernel carries each row tile through every layer.
-        if INFERENCE == 'one_pass':
-            return torch.ops.srn.phi_inference_one_pass(x, weights, biases, eps, layers[-1][2])
+        # No backward to come (rendering, validation): the last layer stores phi's output alone.
         return torch.ops.srn.phi_inference(x, weights, biases, eps, layers[-1][2])

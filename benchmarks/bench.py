@@ -21,8 +21,6 @@ Variants:
   fused_nographs   fused without CUDA graphs
   fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
-(The fused variants also time rendering with phi in one kernel a row tile, SRN_KERNELS_INFERENCE=one_pass:
-render_one_pass_ms.)
 (Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
 "fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
@@ -38,7 +36,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import geometry  # noqa: E402
-import kernels  # noqa: E402
 import srns  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
@@ -149,16 +146,6 @@ def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=Non
     result['first_render_s'] = time.perf_counter() - t0
     result['render_ms'], result['render_ms_all'] = time_cuda(render, args.warmup, args.repeats)
     result['render_images_per_s'] = batch_size / result['render_ms'] * 1e3
-    if options.get('fused', False):  # again with phi in one kernel a row tile (torch.compile traces anew)
-        kernels.INFERENCE = 'one_pass'
-        try:
-            render()
-            result['render_one_pass_ms'], result['render_one_pass_ms_all'] = time_cuda(render, args.warmup,
-                                                                                         args.repeats)
-            # the autotuner keeps a choice for each key it ran: proof that the one-pass kernel did run
-            result['render_one_pass_tuned'] = {str(k): str(v) for k, v in kernels._phi_inference_fwd.cache.items()}
-        finally:
-            kernels.INFERENCE = 'layers'
     losses = train_step()
     result['loss_finite'] = bool(torch.isfinite(losses['total_loss']).item())
     if args.profile:
@@ -238,9 +225,7 @@ def main(argv=None):
             results.append(result)
             print(f"{result['setting']:>10} {name:>10}  train {result['train_ms']:7.1f} ms  "
                   f"{result['train_peak_gib']:5.1f} GiB  render {result['render_ms']:6.1f} ms  "
-                  f"(first step {result['first_step_s']:.0f} s)"
-                  + (f"  render, phi in one pass {result['render_one_pass_ms']:6.1f} ms"
-                     if 'render_one_pass_ms' in result else ''), flush=True)
+                  f"(first step {result['first_step_s']:.0f} s)", flush=True)
     info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'results': results}
     if args.compare:
         info['fast_vs_exact_relative_error'] = compare_paths(64, 8)

@@ -163,15 +163,6 @@ def phi_evaluations(B, N, C, report):
                    None, 3 * flops)
         except Exception as error:
             print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
-    # Without a backward, the kernel that carries each row tile through every layer (kernels.INFERENCE).
-    kernels.INFERENCE = 'one_pass'
-    try:
-        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
-            report('phi, kernels one pass: forward', do_bench(lambda: kernels.phi(x, layers)), None, flops)
-    except Exception as error:
-        print(f'phi, kernels one pass: failed: {str(error)[:300]}', flush=True)
-    finally:
-        kernels.INFERENCE = 'layers'
 
 
 def triton_cdiv(a, b):

@@ -129,34 +129,6 @@ def test_without_gradients_phi_is_the_same(outermost_linear):
 
 
 @requires_kernels
-@pytest.mark.parametrize('outermost_linear', [False, True])
-def test_one_pass_inference_equals_the_pytorch_path(outermost_linear, monkeypatch):
-    """kernels.INFERENCE 'one_pass' (one kernel carries each row tile through every layer): in float32 the same
-    function as the PyTorch path (1e-5), on full and partial tiles, one point, one observation; in mixed precision
-    as close to float32 as the per-layer kernels are (the same rounding; only the products' summation order
-    differs)."""
-    monkeypatch.setattr(kernels, 'INFERENCE', 'one_pass')
-    util.set_tf32(False)
-    for batch_size, num_points in ((3, 70), (1, 1), (2, 65), (1, 129)):
-        hyper, z, x, _ = make_phi(outermost_linear=outermost_linear, batch_size=batch_size, num_points=num_points)
-        with torch.no_grad():
-            phi = hyper(z)
-            exact = phi(x)
-            one_pass = kernels.phi(x, phi.layers)
-        assert relative_error(one_pass, exact) < 1e-5, (batch_size, num_points)
-    hyper, z, x, _ = make_phi(outermost_linear=outermost_linear, num_points=300 if DEVICE == 'cuda' else 70)
-    with torch.no_grad():
-        phi = hyper(z)
-        exact = phi(x)
-        with torch.autocast(DEVICE, dtype=HALF):
-            one_pass = kernels.phi(x, hyper(z).layers)
-            monkeypatch.setattr(kernels, 'INFERENCE', 'layers')
-            layers = kernels.phi(x, hyper(z).layers)
-    assert one_pass.dtype == HALF
-    assert relative_error(one_pass, exact) <= 1.5 * relative_error(layers, exact) + 1e-3
-
-
-@requires_kernels
 @pytest.mark.parametrize('split_rows', [64, 128, None])
 def test_weight_gradients_summed_over_splits_of_the_rows(split_rows):
     """dW = dpre^T relu(x) and db = sum of dpre, computed over runs of rows (the last one short) and summed, equal
@@ -291,7 +263,7 @@ def layer_norm_relu_backward(grad, xhat, rstd):
 
 @requires_kernels
 @pytest.mark.parametrize('name', ['_input_layer_fwd', '_hidden_layer_fwd', '_hidden_layer_bwd',
-                                  '_hidden_layer_bwd_weights', '_input_layer_bwd', '_phi_inference_fwd'])
+                                  '_hidden_layer_bwd_weights', '_input_layer_bwd'])
 def test_every_autotuning_candidate_computes_its_kernels_function(name):
     """Each kernel with each of its candidates, in float32 (IEEE products), against its definition in PyTorch,
     on 150 rows (a last tile that is not full) of 2 observations: what any tuning may pick computes the same,
@@ -344,18 +316,6 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             launch(name, grid, grad, act, dw, db, N, rows, split, C=C, PRECISION='ieee', config=config)
             expected = grad.transpose(1, 2) @ act.clamp_min(0), grad.sum(1)
             results = dw.view(B, splits, C, C).sum(1), db.view(B, splits, C).sum(1)
-        elif name == '_phi_inference_fwd':  # three hidden layers, the last normalised or linear
-            ws, bs = rand(B, 3, C, C) / 16, rand(B, 3, C)
-            expected, results = [], []
-            for normalize_last in (True, False):
-                out = torch.empty(B, N, C, device=DEVICE)
-                launch(name, rows_grid, x, w0t, b0, ws, bs, out, N, rows, eps, C=C, LAYERS=3,
-                       NORMALIZE_LAST=normalize_last, PRECISION='ieee', config=config)
-                h = xhat0.clamp_min(0)
-                for layer in range(3):
-                    pre = h @ ws[:, layer].transpose(1, 2) + bs[:, layer, None]
-                    h = layer_norm(pre)[0].clamp_min(0) if layer < 2 or normalize_last else pre
-                expected.append(h), results.append(out)
         else:  # _input_layer_bwd, from the first hidden layer's dpre (grad) and weights (w), and the statistics
             parts = cdiv(N, kernels.INPUT_ROWS)
             dx = torch.empty_like(x)
