@@ -12,7 +12,8 @@
 # the largest budget, and the smaller budgets are read off checkpoints written as the clock passes them
 # (train.py --save_at_minutes); the fast recipe's decay follows its budget, so it trains once per budget.
 # GPU time per object count and seed, for budgets 60, 150 and 300 s: 300 + 510 s of training, plus evaluation.
-# Writes OUT_DIR/time_to_quality.md (mean +- std over seeds) and OUT_DIR/time_to_quality.png (held-out PSNR
+# Writes OUT_DIR/time_to_quality.md (mean +- std over seeds), OUT_DIR/time_to_quality_runs.csv (one row a run,
+# to add to benchmarks/time_to_quality_runs.csv) and OUT_DIR/time_to_quality.png (held-out PSNR
 # against seconds; needs matplotlib), and prints for each training run the step at which its loss left the plateau
 # at the start, and fell back onto it if it did (benchmarks/plateau.py --read).
 #

@@ -1,4 +1,5 @@
 """The measurement helpers of benchmarks/ that compute a number from a run: known answers."""
+import json
 import pathlib
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
 import plateau  # noqa: E402
+import time_to_quality_table  # noqa: E402
 
 
 def test_escape_step_is_the_first_step_that_stays_below_the_threshold():
@@ -53,3 +55,57 @@ def test_read_describes_a_finished_run_from_its_event_files(tmp_path, capsys):
     assert capsys.readouterr().out == "fast_60s_seed1: never left the plateau (loss 400.0 at step 0, 61.0 at step 20)\n"
     with pytest.raises(SystemExit):
         plateau.main([])  # neither OUT_DIR and --data_root nor --read
+
+
+def write_run(out, name, psnr, ssim, steps):
+    """What time_to_quality.sh leaves of one run: test.py's metrics.json and the training log's last line."""
+    (out / f'{name}_test').mkdir(parents=True)
+    summary = {'all_views': {'psnr': psnr, 'ssim': ssim}, 'held_out_views': {'psnr': psnr, 'ssim': ssim}}
+    (out / f'{name}_test' / 'metrics.json').write_text(json.dumps({'summary': summary}))
+    (out / f'{name}.log').write_text(f'Done: {steps} steps in 1:00 (the --max_minutes 1 budget)\n')
+
+
+def test_the_runs_record_round_trips_and_tables_them(tmp_path):
+    write_run(tmp_path, '50_fast_60s_seed0', 26.0, 0.95, 4700)
+    write_run(tmp_path, '50_fast_60s_seed1', 27.0, 0.96, 4800)
+    write_run(tmp_path, '50_reference_300s_seed2', 26.2, 0.95, 11700)
+    runs, _ = time_to_quality_table.collect(tmp_path)
+    record = tmp_path / 'runs.csv'
+    time_to_quality_table.write_record(runs, record)
+    assert time_to_quality_table.read_record(record) == runs
+    assert runs[50, 'fast', 60] == [(26.0, 0.95, 4700, 0), (27.0, 0.96, 4800, 1)]
+    assert time_to_quality_table.read_record(record, objects=500) == {}
+    lines = time_to_quality_table.tables(runs, {})
+    assert '| 50 | fast | 60 | 2 | 4750 | 26.50 +- 0.71 | 0.955 |' in lines
+    assert '| 50 | reference | 300 | 1 | 11700 | 26.20 +- 0.00 | 0.950 |' in lines
+
+
+def test_a_record_with_runs_missing_steps_tables_them_as_unknown(tmp_path):
+    record = tmp_path / 'runs.csv'
+    record.write_text('objects,recipe,seconds,seed,psnr,ssim,steps,note\n'
+                      '50,fast,300,0,30.50,,25960,one machine\n50,fast,300,1,30.70,,,another\n')
+    runs = time_to_quality_table.read_record(record)
+    assert runs[50, 'fast', 300] == [(30.5, None, 25960, 0), (30.7, None, None, 1)]
+    # a mean over one of the two seeds would read as one over both
+    assert '| 50 | fast | 300 | 2 | - | 30.60 +- 0.14 | - |' in time_to_quality_table.tables(runs, {})
+
+
+@pytest.mark.parametrize('text, error', [
+    ('objects,recipe,seconds\n50,fast,60\n', 'no column psnr, seed, ssim, steps'),
+    ('objects,recipe,seconds,seed,psnr,ssim,steps\n50,fast,sixty,0,26.0,,\n', 'line 2'),
+])
+def test_a_bad_record_names_the_file_and_what_is_wrong(tmp_path, text, error):
+    record = tmp_path / 'runs.csv'
+    record.write_text(text)
+    with pytest.raises(SystemExit, match=error) as raised:
+        time_to_quality_table.read_record(record)
+    assert str(record) in str(raised.value)
+
+
+def test_the_kept_record_holds_three_seeds_of_each_recipe_and_budget():
+    """benchmarks/time_to_quality_runs.csv, the record behind the README's table and plots, reads back whole."""
+    runs = time_to_quality_table.read_record(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
+                                             / 'time_to_quality_runs.csv')
+    assert {key: len(values) for key, values in runs.items()} == {
+        (objects, recipe, seconds): 3 for objects in (50, 500) for recipe in ('reference', 'fast')
+        for seconds in (60, 150, 300)}
