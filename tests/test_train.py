@@ -361,11 +361,16 @@ def torchrun(args):
     return subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240)
 
 
+def failure(result):
+    """What a failed torchrun said: its exit status, and the ends of its output and of its errors."""
+    return f'exit status {result.returncode}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}'
+
+
 def test_torchrun_two_processes_gloo(tiny_dataset, tmp_path):
     trained = tmp_path / 'ddp'
     result = torchrun(tiny_args(tiny_dataset, trained, '--batch_size_per_img_sidelength', '2,2',
                                 '--max_steps_per_img_sidelength', '2,1', '--steps_til_ckpt', '2'))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert result.stdout.count('Done: 3 steps') == 1  # rank 0 alone reports
     assert len(glob.glob(str(trained / 'events.out.tfevents.*'))) == 1  # ... and writes one event file
     # 3 batches per epoch and process: neither stage completes an epoch (the reference's naming)
@@ -380,7 +385,7 @@ def test_torchrun_two_processes_gloo(tiny_dataset, tmp_path):
                      '--batch_size_per_img_sidelength', '2,2', '--max_steps_per_img_sidelength', '2,0')
     args[1] = str(tiny_dataset / 'test')
     result = torchrun(args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     fitted = load(checkpoints(few_shot)[-1])['model']
     assert all(torch.equal(fitted[key], value) for key, value in final['model'].items()
                if key != 'latent_codes.weight')
