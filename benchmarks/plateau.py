@@ -6,8 +6,10 @@ pixels appear, after which it falls by about half within a few dozen steps. How 
 to run (benchmarks/NOTES.md, "Quality per minute, round 5"), and in a one-minute budget it decides the result.
 This script trains short runs of each variant and reports, per run, the first logged step at which the loss is
 below ``--threshold`` and stays below it for the next ``--hold`` logged steps, and the step at which it fell back
-onto the plateau if it did (the loss at or above the threshold for as long; a learning rate too high for the
-model does this).
+onto the plateau if it did (the loss at or above ``--relapse_threshold``, nearer the plateau, for as long; a
+learning rate too high for the model does this). The two thresholds differ so that a loss that crosses the first
+one noisily on its way down (logged every step, it can sit within a few units of 45 for a dozen steps) does not
+read as a relapse.
 
     python benchmarks/plateau.py OUT_DIR --data_root sm500/train --runs 4 --steps 1500 \\
         --variant fast= --variant "no_warmup=--lr_warmup_steps 0" --variant "rays128=--rays_per_view 128 \\
@@ -51,13 +53,15 @@ def escape_step(steps, losses, threshold, hold):
     return _first_lasting(steps, np.asarray(losses) < threshold, hold)
 
 
-def relapse_step(steps, losses, threshold, hold):
-    """After the escape, the first step whose loss and the next ``hold`` logged losses are all back at or above
-    ``threshold`` (the run fell back onto the plateau); None if it never did, or never left it."""
+def relapse_step(steps, losses, threshold, hold, relapse_threshold=None):
+    """After the escape (below ``threshold``), the first step whose loss and the next ``hold`` logged losses are
+    all back at or above ``relapse_threshold`` (default: ``threshold``), the run fallen back onto the plateau; None
+    if it never did, or never left it."""
     escaped = escape_step(steps, losses, threshold, hold)
     if escaped is None:
         return None
-    return _first_lasting(steps, np.asarray(losses) >= threshold, hold, after=escaped)
+    level = threshold if relapse_threshold is None else relapse_threshold
+    return _first_lasting(steps, np.asarray(losses) >= level, hold, after=escaped)
 
 
 def describe(steps, losses, escape, relapse):
@@ -103,12 +107,18 @@ def main(argv=None):
     parser.add_argument('--threshold', type=float, default=45.,
                         help='scaled image loss below which the plateau counts as left (it sits near 62 on '
                              'Shepard-Metzler at 64 px, and falls to ~31 just after)')
-    parser.add_argument('--hold', type=int, default=3, help='logged steps the loss must stay below it')
+    parser.add_argument('--relapse_threshold', type=float, default=55.,
+                        help='scaled image loss at or above which a run that left the plateau counts as back on '
+                             'it (nearer the plateau than --threshold)')
+    parser.add_argument('--hold', type=int, default=3, help='logged steps the loss must stay past a threshold')
     args = parser.parse_args(argv)
+    if args.relapse_threshold < args.threshold:
+        parser.error(f'--relapse_threshold {args.relapse_threshold:g} is below --threshold {args.threshold:g}')
     if args.read:
         for run in args.read:
             steps, losses = read_scalars(run)[LOSS_TAG]
-            escape, relapse = (step(steps, losses, args.threshold, args.hold) for step in (escape_step, relapse_step))
+            escape = escape_step(steps, losses, args.threshold, args.hold)
+            relapse = relapse_step(steps, losses, args.threshold, args.hold, args.relapse_threshold)
             print(f"{pathlib.Path(run).name}: {describe(steps, losses, escape, relapse)}", flush=True)
         return
     if args.out_dir is None or args.data_root is None:
@@ -125,7 +135,7 @@ def main(argv=None):
             train_run(run, args.config, args.data_root, args.steps, seed, shlex.split(args.train_flags), flags)
             steps, losses = read_scalars(run)[LOSS_TAG]
             escapes.append(escape_step(steps, losses, args.threshold, args.hold))
-            relapses.append(relapse_step(steps, losses, args.threshold, args.hold))
+            relapses.append(relapse_step(steps, losses, args.threshold, args.hold, args.relapse_threshold))
             print(f"{name} seed {seed}: {describe(steps, losses, escapes[-1], relapses[-1])}", flush=True)
         left = [step for step in escapes if step is not None]
         results[name] = {'flags': flags, 'escape_steps': escapes, 'relapse_steps': relapses,
@@ -139,7 +149,8 @@ def main(argv=None):
         fell_back = ', '.join('-' if step is None else str(step) for step in result['relapse_steps'])
         print(f"| {name} | `{' '.join(result['flags'])}` | {len(result['escape_steps'])} | {shown} | {median} "
               f"| {fell_back} |")
-    (out / 'plateau.json').write_text(json.dumps({'threshold': args.threshold, 'hold': args.hold,
+    (out / 'plateau.json').write_text(json.dumps({'threshold': args.threshold, 'relapse_threshold': args.relapse_threshold,
+                                                  'hold': args.hold,
                                                   'steps': args.steps, 'variants': results}, indent=1))
 
 
