@@ -54,10 +54,14 @@ def main(argv=None):
         bandwidth = f"{row['TB/s']:5.2f}" if bytes_moved else '    -'
         print(f"{name:60s} {row['us']:8.1f} us  {bandwidth} TB/s  {row['TFLOP/s']:6.1f} TFLOP/s", flush=True)
 
+    def save():
+        info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
+                'results': results}
+        pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
+
     if args.only_phi:
         phi_evaluations(B, N, C, report)
-        pathlib.Path(args.out).write_text(json.dumps({'device': torch.cuda.get_device_name(), 'shape': [B, N, C],
-                                                      'results': results}, indent=1))
+        save()
         return
     report('torch: copy one activation (B, N, C) bf16', do_bench(lambda: out.copy_(act)), 2 * act_bytes)
     report('torch: bmm (B, N, C) @ (B, C, C) bf16', do_bench(lambda: torch.bmm(act, w.transpose(1, 2))),
@@ -116,9 +120,7 @@ def main(argv=None):
         report(f"_input_layer_bwd {meta} w{config.num_warps} s{config.num_stages}", do_bench(launch), act_bytes,
                flops)
     phi_evaluations(B, N, C, report)
-    info = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'shape': [B, N, C],
-            'results': results}
-    pathlib.Path(args.out).write_text(json.dumps(info, indent=1))
+    save()
 
 
 def phi_evaluations(B, N, C, report):

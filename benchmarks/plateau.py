@@ -149,8 +149,8 @@ def main(argv=None):
         fell_back = ', '.join('-' if step is None else str(step) for step in result['relapse_steps'])
         print(f"| {name} | `{' '.join(result['flags'])}` | {len(result['escape_steps'])} | {shown} | {median} "
               f"| {fell_back} |")
-    (out / 'plateau.json').write_text(json.dumps({'threshold': args.threshold, 'relapse_threshold': args.relapse_threshold,
-                                                  'hold': args.hold,
+    (out / 'plateau.json').write_text(json.dumps({'threshold': args.threshold,
+                                                  'relapse_threshold': args.relapse_threshold, 'hold': args.hold,
                                                   'steps': args.steps, 'variants': results}, indent=1))
 
 

@@ -130,6 +130,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.out_dir is None) == (args.record is None):
         parser.error('give either OUT_DIR or --record (one of them)')
+    if args.record is None and (args.objects is not None or args.plot is not None):
+        parser.error('--objects and --plot go with --record (OUT_DIR gets its own plot)')
     if args.record is not None:
         if not args.record.is_file():
             parser.error(f'--record {args.record}: no such file')

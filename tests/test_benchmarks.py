@@ -133,3 +133,14 @@ def test_the_kept_record_holds_three_seeds_of_each_recipe_and_budget():
     assert {key: len(values) for key, values in runs.items()} == {
         (objects, recipe, seconds): 3 for objects in (50, 500) for recipe in ('reference', 'fast')
         for seconds in (60, 150, 300)}
+
+
+def test_the_table_takes_a_run_folder_or_a_record(tmp_path):
+    write_run(tmp_path, '50_fast_60s_seed0', 26.0, 0.95, 4700)
+    time_to_quality_table.main([str(tmp_path)])
+    assert (tmp_path / 'time_to_quality_runs.csv').read_text().splitlines() == [
+        'objects,recipe,seconds,seed,psnr,ssim,steps', '50,fast,60,0,26.0000,0.9500,4700']
+    for argv in ([], [str(tmp_path), '--record', str(tmp_path / 'time_to_quality_runs.csv')],
+                 [str(tmp_path), '--plot', str(tmp_path / 'p.png')], ['--record', str(tmp_path / 'none.csv')]):
+        with pytest.raises(SystemExit):
+            time_to_quality_table.main(argv)
