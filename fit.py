@@ -37,7 +37,8 @@ def stack_observations(dataset):
 
 
 def fit_latent_codes(model, dataset, num_steps, lr=1e-3, batch_size=-1, rays_per_view=1024, l1_weight=200.,
-                     reg_weight=1e-3, kl_weight=1., device='cpu', generator=None, progress=None):
+                     reg_weight=1e-3, kl_weight=1., device='cpu', generator=None, progress=None, amp_dtype=None,
+                     forward=None):
     """Optimise only ``model.latent_codes`` on the observations of ``dataset``; the networks stay fixed.
 
     :param model: SRNsModel whose latent table has one row per instance of ``dataset`` (and whose
@@ -51,6 +52,9 @@ def fit_latent_codes(model, dataset, num_steps, lr=1e-3, batch_size=-1, rays_per
     :param l1_weight, reg_weight, kl_weight: loss weights, as in training (SPEC section 1)
     :param generator: torch.Generator on the CPU for the ray and batch draws (reproducible fits)
     :param progress: optional callable(step, losses dict of floats), called every 50 steps and at the end
+    :param amp_dtype: None (float32, the reference's computation) or a dtype for autocast around the forward
+        and the losses, as in training
+    :param forward: optional callable used in place of the model's forward, e.g. ``torch.compile(model)``
     :return: list of the total loss at every step (floats)
     """
     model = util.unwrap_model(model)
@@ -90,9 +94,10 @@ def fit_latent_codes(model, dataset, num_steps, lr=1e-3, batch_size=-1, rays_per
             batch['uv'] = torch.gather(batch['uv'], 1, ray_idx[..., None].expand(-1, -1, 2))  # (B, N', 2)
             target = torch.gather(target, 1, ray_idx[..., None].expand(-1, -1, 3))  # (B, N', 3)
 
-        prediction = model(batch)
-        losses = srns.compute_losses(model, batch, prediction, target, l1_weight=l1_weight,
-                                     reg_weight=reg_weight, kl_weight=kl_weight)
+        with torch.autocast(target.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            prediction = (model if forward is None else forward)(batch)
+            losses = srns.compute_losses(model, batch, prediction, target, l1_weight=l1_weight,
+                                         reg_weight=reg_weight, kl_weight=kl_weight)
         optimizer.zero_grad(set_to_none=True)
         losses['total_loss'].backward()
         optimizer.step()

@@ -120,6 +120,14 @@ def get_parser():
     p.add_argument('--fps', type=float, default=15, help='frame rate of the videos')
     p.add_argument('--overwrite', action='store_true', help='allow writing into a logging_root with results')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
+    p.add_argument('--amp', choices=('none', 'bf16'), default='none',
+                   help='bf16 autocast for rendering and fitting (default: float32, as the reference computed it)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model (the first batch, and the first fitting step, wait for the '
+                        'compiler; every batch is padded to --batch_size, so one compilation serves them all)')
+    p.add_argument('--fast', action='store_true',
+                   help='the fast GPU path of train.py --fast for rendering and fitting: --amp bf16, --compile '
+                        'and TF32 matmuls for what stays float32')
     return p
 
 
@@ -173,6 +181,50 @@ def build_model(opt, num_instances, embedding_size):
     return srns.SRNsModel(num_instances=num_instances, latent_dim=embedding_size, tracing_steps=opt.tracing_steps,
                           has_params=opt.has_params, fit_single_srn=opt.fit_single_srn,
                           use_unet_renderer=opt.use_unet_renderer, init_depth_std=opt.init_depth_std)
+
+
+class Forward:
+    """The model's forward for rendering (no gradients) under test.py's precision flags; float32 (rgb, depth).
+
+    By default it is the model's own float32 forward, the reference's computation. With ``amp_dtype`` it runs
+    under autocast (the float32 regions of the model stay float32, as in training); with ``compile`` through
+    ``torch.compile``. A compiled graph is specialised to the batch size, so every batch is padded to
+    ``batch_size`` observations by repeating its last one (the padding is rendered and dropped): the dataset's
+    last, shorter batch and the videos' batches reuse the first compilation instead of waiting for another.
+    """
+
+    def __init__(self, model, amp_dtype=None, compile=False, batch_size=1):
+        self.model, self.amp_dtype, self.batch_size = model, amp_dtype, batch_size
+        self.compiled = util.compile_model(model) if compile else None
+
+    def __call__(self, model_input, z=None):
+        """:param model_input: dict of (B, ...) tensors, B <= batch_size; :param z: optional (B, L) codes
+        :return: rgb (B, N, 3), depth (B, N, 1), float32"""
+        num = len(model_input['pose'])
+        # a view of the latent table made under no_grad still requires grad; the compiled graph would be
+        # specialised to that and compiled again for a padded (fresh) z
+        z = None if z is None else z.detach()
+        module = self.model
+        if self.compiled is not None:
+            module = self.compiled
+            if num < self.batch_size:
+                model_input, z = (pad_batch(model_input, self.batch_size),
+                                  None if z is None else pad_batch({'z': z}, self.batch_size)['z'])
+            # the graph is specialised to strides too: expanded (stride 0) inputs would compile it again
+            model_input = {key: value.contiguous() if torch.is_tensor(value) else value
+                           for key, value in model_input.items()}
+            z = None if z is None else z.contiguous()
+        device_type = model_input['pose'].device.type
+        with torch.no_grad(), torch.autocast(device_type, dtype=self.amp_dtype or torch.float32,
+                                             enabled=self.amp_dtype is not None):
+            rgb, depth = module(model_input, z=z)
+        return rgb[:num].float(), depth[:num].float()
+
+
+def pad_batch(batch, size):
+    """``batch`` (dict of (B, ...) tensors) with its last observation repeated up to ``size`` observations."""
+    return {key: torch.cat([value, value[-1:].expand(size - len(value), *value.shape[1:])])
+            if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 # --- Images, depth, point clouds, videos ----------------------------------------------------------
@@ -270,8 +322,9 @@ def orbit_poses(poses, num_frames):
     return np.stack([geometry.look_at(position, target=(0., 0., 0.), up=up) for position in positions])
 
 
-def render_frames(model, poses, intrinsics, sidelength, z, batch_size, device):
-    """Render (T, s, s, 3) uint8 frames for cam2world poses (T, 4, 4) and codes z (T, L) (None: single scene)."""
+def render_frames(forward, poses, intrinsics, sidelength, z, batch_size, device):
+    """Render (T, s, s, 3) uint8 frames for cam2world poses (T, 4, 4) and codes z (T, L) (None: single scene)
+    with ``forward`` (a Forward, or the model itself)."""
     uv = geometry.uv_grid(sidelength, device=device)  # (N, 2)
     poses = torch.as_tensor(poses, dtype=torch.float32, device=device)
     frames = []
@@ -280,7 +333,7 @@ def render_frames(model, poses, intrinsics, sidelength, z, batch_size, device):
         model_input = {'pose': pose, 'intrinsics': intrinsics.to(device).expand(len(pose), 4, 4),
                        'uv': uv.expand(len(pose), -1, -1)}
         z_batch = None if z is None else z[start:start + batch_size]
-        rgb, _ = model(model_input, z=z_batch)  # (B, N, 3)
+        rgb, _ = forward(model_input, z=z_batch)  # (B, N, 3)
         images = geometry.lin2img(rgb).permute(0, 2, 3, 1)  # (B, s, s, 3)
         frames.extend(util.to_uint8_image(image) for image in images)
     return np.stack(frames)
@@ -365,8 +418,10 @@ def main(argv=None):
         raise ValueError(f"--interpolate: expected two instance positions 'a,b', got {opt.interpolate!r}")
     if opt.use_unet_renderer and opt.img_sidelength != 128:
         raise ValueError(f"--img_sidelength {opt.img_sidelength}: the U-Net renderer works at 128 only")
+    if opt.fast:
+        opt.amp, opt.compile = 'bf16', True
     device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    util.set_tf32(False)  # float32 throughout, as the reference computed it
+    util.set_tf32(opt.fast)  # by default float32 throughout, as the reference computed it
 
     dataset = dataio.SceneClassDataset(root_dir=opt.data_root, img_sidelength=opt.img_sidelength,
                                        max_num_instances=opt.max_num_instances,
@@ -378,12 +433,14 @@ def main(argv=None):
     model = build_model(opt, num_instances, embedding_size)
     util.load_checkpoint(checkpoint['path'], model, overwrite_embeddings=opt.fit_steps > 0)
     model.to(device).eval()
+    forward = Forward(model, amp_dtype=torch.bfloat16 if opt.amp == 'bf16' else None, compile=opt.compile,
+                      batch_size=opt.batch_size)
 
     _prepare_logging_root(opt.logging_root, opt.overwrite)
     with util.RunLock(opt.logging_root, what='test.py'):
         try:
-            return _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs,
-                        interpolate, device)
+            return _run(opt, model, forward, dataset, checkpoint, num_instances, embedding_size,
+                        fit_observation_idcs, interpolate, device)
         except OSError as error:
             if error.filename is not None or isinstance(error, util.CheckpointWriteError):
                 raise  # its message names the file
@@ -391,8 +448,8 @@ def main(argv=None):
                 from None
 
 
-def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs, interpolate,
-         device):
+def _run(opt, model, forward, dataset, checkpoint, num_instances, embedding_size, fit_observation_idcs,
+         interpolate, device):
     with open(os.path.join(opt.logging_root, 'params.txt'), 'w') as file:
         file.write('\n'.join(f"{key}: {value}" for key, value in sorted(vars(opt).items())) + '\n')
     print(f"{checkpoint['path']}: {num_instances} latent codes of size {embedding_size}; "
@@ -415,7 +472,8 @@ def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_obs
             fit.fit_latent_codes(model, fit_dataset, opt.fit_steps, lr=opt.fit_lr, batch_size=opt.fit_batch_size,
                                  rays_per_view=-1 if opt.use_unet_renderer else opt.fit_rays_per_view,
                                  l1_weight=opt.l1_weight, reg_weight=opt.reg_weight, kl_weight=opt.kl_weight,
-                                 device=device, generator=generator, progress=progress)
+                                 device=device, generator=generator, progress=progress,
+                                 amp_dtype=forward.amp_dtype, forward=forward.compiled)
         model.eval()
         print(f"fitted {dataset.num_instances} latent codes to views {fit_observation_idcs} in {opt.fit_steps} steps, "
               f"{time.time() - start_time:.1f} s")
@@ -423,7 +481,7 @@ def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_obs
         util.save_checkpoint(fitted_path, model, step=opt.fit_steps, config=vars(opt))
         print(f"fitted codes saved to {fitted_path} (render again with --checkpoint_path {fitted_path})")
 
-    rows = evaluate(opt, model, dataset, fit_observation_idcs, device)
+    rows = evaluate(opt, forward, dataset, fit_observation_idcs, device)
     summary = summarize(rows)
     info = {'checkpoint': checkpoint['path'], 'data_root': opt.data_root, 'img_sidelength': opt.img_sidelength,
             'fit_observation_idcs': fit_observation_idcs, 'fit_steps': opt.fit_steps, 'seed': opt.seed}
@@ -431,9 +489,9 @@ def _run(opt, model, dataset, checkpoint, num_instances, embedding_size, fit_obs
 
     with torch.no_grad():
         if opt.turntable > 0:
-            write_turntables(opt, model, dataset, device)
+            write_turntables(opt, model, forward, dataset, device)
         if interpolate is not None:
-            write_interpolation(opt, model, dataset, interpolate, device)
+            write_interpolation(opt, model, forward, dataset, interpolate, device)
 
     for key in ('all_views', 'held_out_views', 'fitted_views'):
         part = summary[key]
@@ -458,8 +516,9 @@ def print_outputs(logging_root):
             print(f"  {folder}/  {what} ({count} files)")
 
 
-def evaluate(opt, model, dataset, fit_observation_idcs, device):
-    """Render every observation of ``dataset`` in order, write the images, return per-image metric rows."""
+def evaluate(opt, forward, dataset, fit_observation_idcs, device):
+    """Render every observation of ``dataset`` in order with ``forward`` (a Forward), write the images, return
+    per-image metric rows."""
     torch.manual_seed(opt.seed)  # the initial-depth noise: same seed, same renderings
     loader = DataLoader(dataset, batch_size=opt.batch_size, shuffle=False, collate_fn=dataset.collate_fn,
                         num_workers=opt.num_workers)
@@ -473,7 +532,7 @@ def evaluate(opt, model, dataset, fit_observation_idcs, device):
         model_input = {key: value.to(device) for key, value in model_input.items()}
         target_rgb = ground_truth['rgb'].to(device)  # (B, N, 3)
         with torch.no_grad():
-            rgb, depth = model(model_input)  # (B, N, 3), (B, N, 1)
+            rgb, depth = forward(model_input)  # (B, N, 3), (B, N, 1)
             psnrs, ssims = srns.psnr_ssim(rgb, target_rgb)
             comparisons = srns.comparison_images(model_input, (rgb, depth), target_rgb)  # (B, 3, s, 3s)
             normals = srns.normal_map(model_input, depth) if opt.save_normals else None  # (B, 3, s, s)
@@ -544,7 +603,7 @@ def _instance_code(model, dataset, instance, device):
     return model.latent_codes.weight[instance][None]
 
 
-def write_turntables(opt, model, dataset, device):
+def write_turntables(opt, model, forward, dataset, device):
     """turntable/<instance>.gif (and .mp4): the first save_out_first_n instances along a camera orbit."""
     torch.manual_seed(opt.seed)
     util.cond_mkdir(os.path.join(opt.logging_root, 'turntable'))
@@ -554,11 +613,12 @@ def write_turntables(opt, model, dataset, device):
         poses = orbit_poses(views.poses.numpy(), opt.turntable)
         code = _instance_code(model, dataset, instance, device)
         z = None if code is None else code.expand(opt.turntable, -1)
-        frames = render_frames(model, poses, views[0]['intrinsics'], opt.img_sidelength, z, opt.batch_size, device)
+        frames = render_frames(forward, poses, views[0]['intrinsics'], opt.img_sidelength, z, opt.batch_size,
+                               device)
         write_video(os.path.join(opt.logging_root, 'turntable', '%06d' % instance), frames, opt.fps)
 
 
-def write_interpolation(opt, model, dataset, pair, device):
+def write_interpolation(opt, model, forward, dataset, pair, device):
     """interpolation/<a>_<b>.gif: codes (1 - t) z_a + t z_b, t from 0 to 1, seen from instance a's first view."""
     if model.fit_single_srn:
         raise ValueError("--interpolate needs latent codes; a single-scene SRN has none")
@@ -573,7 +633,7 @@ def write_interpolation(opt, model, dataset, pair, device):
     z = (1. - t) * z_a + t * z_b  # (T, L)
     first_view = dataset.all_instances[pair[0]][0]
     poses = first_view['pose'][None].expand(opt.interpolation_frames, 4, 4)
-    frames = render_frames(model, poses, first_view['intrinsics'], opt.img_sidelength, z, opt.batch_size, device)
+    frames = render_frames(forward, poses, first_view['intrinsics'], opt.img_sidelength, z, opt.batch_size, device)
     write_video(os.path.join(opt.logging_root, 'interpolation', '%06d_%06d' % tuple(pair)), frames, opt.fps)
 
 

@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 
 import imageio.v3 as iio
 import numpy as np
@@ -315,6 +316,68 @@ def test_fit_route_fits_new_codes_with_frozen_networks(trained, tmp_path):
                                     '--fit_observation_idcs', '0', '--checkpoint_path',
                                     str(tmp_path / 'after' / 'checkpoints')))
     assert again['held_out_views']['psnr'] == pytest.approx(after['held_out_views']['psnr'], abs=1e-4)
+
+
+def _renderings(folder):
+    """Every rendering a run wrote, stacked in file order: (V, s, s, 3) float."""
+    return np.stack([iio.imread(f) for f in sorted(glob.glob(str(folder / 'renderings' / '*' / '*.png')))]).astype(float)
+
+
+def test_amp_renders_close_to_float32_and_fits(trained, tmp_path):
+    """--amp bf16 renders what float32 renders, to bfloat16's precision, and its fit improves the fitted views.
+
+    bfloat16 keeps 8 significant bits (1 part in 256, about one uint8 level of the [-1, 1] colour range, which
+    is ~48 dB), and the error grows through phi's layers, the ray march and the pixel generator: the renderings
+    of the trained codes must agree to 40 dB. A fit at a high rate takes another path in bfloat16 than in
+    float32, so the fit is judged by what it does: at least half of float32's gain on the fitted views."""
+    srn_test.main(base_args(trained, tmp_path / 'exact', '--init_depth_std', '0', '--batch_size', '3'))
+    srn_test.main(base_args(trained, tmp_path / 'amp', '--init_depth_std', '0', '--batch_size', '3', '--amp', 'bf16'))
+    exact, amp = _renderings(tmp_path / 'exact'), _renderings(tmp_path / 'amp')
+    assert 10 * np.log10(255 ** 2 / np.mean((exact - amp) ** 2)) > 40
+    assert not np.array_equal(exact, amp)  # it did run in bfloat16
+    assert 'amp: bf16' in (tmp_path / 'amp' / 'params.txt').read_text()
+
+    fit = ('--init_depth_std', '0', '--save_out_first_n', '0', '--fit_observation_idcs', '0')
+    fitted = {}
+    for name, extra in {'none': ('--fit_steps', '1', '--fit_lr', '0'),
+                        'exact': ('--fit_steps', '20', '--fit_lr', '3e-2', '--fit_rays_per_view', '64'),
+                        'amp': ('--fit_steps', '20', '--fit_lr', '3e-2', '--fit_rays_per_view', '64',
+                                '--amp', 'bf16')}.items():
+        fitted[name] = srn_test.main(base_args(trained, tmp_path / f'fit_{name}', *fit, *extra))['fitted_views']['psnr']
+    assert fitted['exact'] > fitted['none'] + 0.1
+    assert fitted['amp'] - fitted['none'] > 0.5 * (fitted['exact'] - fitted['none'])
+
+
+@pytest.mark.skipif(shutil.which('g++') is None and shutil.which('clang++') is None,
+                    reason='torch.compile on the CPU needs a C++ compiler (g++ or clang++)')
+def test_fast_compiles_once_for_every_batch(trained, tmp_path, monkeypatch):
+    """--fast (bf16, torch.compile) end to end: fitting, the dataset's last short batch, turntables and an
+    interpolation (expanded inputs, shorter batches) take three compilations at most: the fit's forward and
+    backward, rendering from the table's codes, and rendering from given codes. Padding every batch to
+    --batch_size is what keeps the count. The fit improves the fitted views, and the compiled renderings of
+    the fitted codes agree with the eager bf16 path's (the saved codes rendered again with --amp bf16)."""
+    import torch._dynamo
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 3)
+    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
+    common = ('--init_depth_std', '0', '--batch_size', '3', '--fit_observation_idcs', '0')
+    fit = ('--fit_steps', '20', '--fit_lr', '3e-2', '--fit_rays_per_view', '64')
+    videos = ('--turntable', '4', '--interpolate', '0,1', '--interpolation_frames', '5')  # 8 views in batches of 3
+    torch._dynamo.reset()
+    try:
+        fast = srn_test.main(base_args(trained, tmp_path / 'fast', *common, *fit, *videos, '--fast'))
+    finally:
+        torch._dynamo.reset()
+    assert len(list((tmp_path / 'fast' / 'turntable').glob('*.gif'))) == 2
+    assert len(list((tmp_path / 'fast' / 'interpolation').glob('*.gif'))) == 1
+    unfitted = srn_test.main(base_args(trained, tmp_path / 'unfitted', *common, '--save_out_first_n', '0',
+                                       '--fit_steps', '1', '--fit_lr', '0'))
+    assert fast['fitted_views']['psnr'] > unfitted['fitted_views']['psnr'] + 0.1
+    again = srn_test.main(base_args(trained, tmp_path / 'again', *common, '--amp', 'bf16', '--checkpoint_path',
+                                    str(tmp_path / 'fast' / 'checkpoints')))
+    a, b = _renderings(tmp_path / 'again'), _renderings(tmp_path / 'fast')
+    assert 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) > 40
+    assert again['all_views']['psnr'] == pytest.approx(fast['all_views']['psnr'], abs=0.05)
 
 
 def test_orbit_matches_the_cameras():
