@@ -21,7 +21,8 @@ RUN = re.compile(r'(\d+)_(\w+?)_(\d+)s_seed(\d+)(?:_(\d)shot)?_test$')
 
 
 def collect(out):
-    """({(objects, recipe, seconds): [(psnr, ssim, steps)]}, {(objects, recipe, seconds, k): [held-out psnr]})."""
+    """({(objects, recipe, seconds): [(psnr, ssim, steps or None, seed)]}, {(objects, recipe, seconds, k): [held-out
+    psnr]}); a run whose training log is missing, or never finished, has steps None (unknown), not 0."""
     runs, shots = collections.defaultdict(list), collections.defaultdict(list)
     for metrics in sorted(out.glob('*_*_*s_seed*_test/metrics.json')):
         match = RUN.match(metrics.parent.name)
@@ -35,7 +36,7 @@ def collect(out):
         log = out / (metrics.parent.name[:-len('_test')] + '.log')
         done = re.findall(r'Done: (\d+) steps', log.read_text(errors='replace')) if log.exists() else []
         runs[int(objects), recipe, int(seconds)].append(
-            (summary['all_views']['psnr'], summary['all_views']['ssim'], int(done[-1]) if done else 0, int(seed)))
+            (summary['all_views']['psnr'], summary['all_views']['ssim'], int(done[-1]) if done else None, int(seed)))
     return runs, shots
 
 
@@ -49,7 +50,7 @@ def write_record(runs, path):
         writer.writerow(FIELDS)
         for (objects, recipe, seconds), values in sorted(runs.items()):
             for psnr, ssim, steps, seed in sorted(values, key=lambda v: v[3]):
-                writer.writerow([objects, recipe, seconds, seed, f'{psnr:.4f}', f'{ssim:.4f}', steps])
+                writer.writerow([objects, recipe, seconds, seed, f'{psnr:.4f}', f'{ssim:.4f}', '' if steps is None else steps])
 
 
 def read_record(path, objects=None):

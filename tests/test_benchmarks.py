@@ -114,6 +114,19 @@ def test_a_record_with_runs_missing_steps_tables_them_as_unknown(tmp_path):
     assert '| 50 | fast | 300 | 2 | - | 30.60 +- 0.14 | - |' in time_to_quality_table.tables(runs, {})
 
 
+def test_a_run_without_its_training_log_has_unknown_steps_not_zero(tmp_path):
+    write_run(tmp_path, '50_fast_60s_seed0', 26.0, 0.95, 4700)
+    write_run(tmp_path, '50_fast_60s_seed1', 27.0, 0.96, 4800)
+    (tmp_path / '50_fast_60s_seed1.log').unlink()
+    runs, _ = time_to_quality_table.collect(tmp_path)
+    assert runs[50, 'fast', 60] == [(26.0, 0.95, 4700, 0), (27.0, 0.96, None, 1)]
+    record = tmp_path / 'runs.csv'
+    time_to_quality_table.write_record(runs, record)
+    assert record.read_text().splitlines()[2] == '50,fast,60,1,27.0000,0.9600,'
+    assert time_to_quality_table.read_record(record) == runs
+    assert '| 50 | fast | 60 | 2 | - | 26.50 +- 0.71 | 0.955 |' in time_to_quality_table.tables(runs, {})
+
+
 @pytest.mark.parametrize('text, error', [
     ('objects,recipe,seconds\n50,fast,60\n', 'no column psnr, seed, ssim, steps'),
     ('objects,recipe,seconds,seed,psnr,ssim,steps\n50,fast,sixty,0,26.0,,\n', 'line 2'),
