@@ -94,7 +94,7 @@ def fit_latent_codes(model, dataset, num_steps, lr=1e-3, batch_size=-1, rays_per
             batch['uv'] = torch.gather(batch['uv'], 1, ray_idx[..., None].expand(-1, -1, 2))  # (B, N', 2)
             target = torch.gather(target, 1, ray_idx[..., None].expand(-1, -1, 3))  # (B, N', 3)
 
-        with torch.autocast(target.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with util.autocast(target.device.type, amp_dtype):
             prediction = (model if forward is None else forward)(batch)
             losses = srns.compute_losses(model, batch, prediction, target, l1_weight=l1_weight,
                                          reg_weight=reg_weight, kl_weight=kl_weight)

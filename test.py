@@ -207,24 +207,19 @@ class Forward:
         module = self.model
         if self.compiled is not None:
             module = self.compiled
-            if num < self.batch_size:
-                model_input, z = (pad_batch(model_input, self.batch_size),
-                                  None if z is None else pad_batch({'z': z}, self.batch_size)['z'])
-            # the graph is specialised to strides too: expanded (stride 0) inputs would compile it again
-            model_input = {key: value.contiguous() if torch.is_tensor(value) else value
+            model_input = {key: self._as_compiled(value) if torch.is_tensor(value) else value
                            for key, value in model_input.items()}
-            z = None if z is None else z.contiguous()
-        device_type = model_input['pose'].device.type
-        with torch.no_grad(), torch.autocast(device_type, dtype=self.amp_dtype or torch.float32,
-                                             enabled=self.amp_dtype is not None):
+            z = None if z is None else self._as_compiled(z)
+        with torch.no_grad(), util.autocast(model_input['pose'].device.type, self.amp_dtype):
             rgb, depth = module(model_input, z=z)
         return rgb[:num].float(), depth[:num].float()
 
-
-def pad_batch(batch, size):
-    """``batch`` (dict of (B, ...) tensors) with its last observation repeated up to ``size`` observations."""
-    return {key: torch.cat([value, value[-1:].expand(size - len(value), *value.shape[1:])])
-            if torch.is_tensor(value) else value for key, value in batch.items()}
+    def _as_compiled(self, tensor):
+        """(B, ...) -> (batch_size, ...) contiguous, the last row repeated: the shape and the strides the compiled
+        graph is specialised to (expanded, stride-0 inputs would compile it again)."""
+        if len(tensor) < self.batch_size:
+            tensor = torch.cat([tensor, tensor[-1:].expand(self.batch_size - len(tensor), *tensor.shape[1:])])
+        return tensor.contiguous()
 
 
 # --- Images, depth, point clouds, videos ----------------------------------------------------------

@@ -376,7 +376,7 @@ def train_step(model, optimizer, model_input, ground_truth, loss_weights, amp_dt
         ``latent_loss``, ``total_loss`` (0-d) and the detached prediction ``rgb (B, N, 3)``, ``depth (B, N, 1)``
     """
     device_type = ground_truth['rgb'].device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with util.autocast(device_type, amp_dtype):
         rgb, depth = model(model_input)
         optimizer.zero_grad(set_to_none=True)
         losses = srns.compute_losses(model, model_input, (rgb, depth), ground_truth['rgb'], **loss_weights)
@@ -411,7 +411,7 @@ def validate(model, loader, device, amp_dtype=None):
     dist_losses, psnrs, ssims = [], [], []
     for model_input, ground_truth in loader:
         model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with util.autocast(device.type, amp_dtype):
             rgb, depth = model(model_input)
         rgb = rgb.float()
         dist_losses.append(float(srns.image_loss(rgb, ground_truth['rgb'])) * rgb.shape[0])
@@ -455,7 +455,7 @@ def whole_views(model, dataset, device, amp_dtype=None, num_views=4):
     indices = np.linspace(0, len(dataset) - 1, num=min(num_views, len(dataset))).round().astype(int)
     model_input, ground_truth = dataio.collate_fn([dataset[int(i)] for i in indices])
     model_input, ground_truth = to_device(model_input, device), to_device(ground_truth, device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with util.autocast(device.type, amp_dtype):
         rgb, depth = util.unwrap_model(model)(model_input)
     return model_input, ground_truth, {'rgb': rgb, 'depth': depth}
 

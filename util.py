@@ -401,6 +401,11 @@ def set_tf32(enabled):
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def autocast(device_type, amp_dtype=None):
+    """``torch.autocast`` to ``amp_dtype`` on ``device_type``, or a disabled one (float32) for ``None``."""
+    return torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 def compile_model(model, activation_memory_budget=0.5, mode=None):
     """``torch.compile`` with activation recomputation, the fast path's compiler settings.
 

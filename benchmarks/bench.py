@@ -126,7 +126,7 @@ def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=Non
     def render():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.no_grad(), util.autocast('cuda', amp):
             return forward(model_input)
 
     setting = f'{sidelength}px_b{batch_size}' + (f'x{rays_per_view}' if rays_per_view else '')

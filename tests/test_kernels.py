@@ -44,7 +44,7 @@ def phi_outputs_and_grads(hyper, z, x, grad_v, fused, amp_dtype=None, direct=Fal
     hyper.fused_kernels = fused
     hyper.zero_grad(set_to_none=True)
     z, x = z.detach().requires_grad_(), x.detach().requires_grad_()
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with util.autocast(x.device.type, amp_dtype):
         phi = hyper(z)
         for weights, biases, _ in phi.layers:
             weights.retain_grad(), biases.retain_grad()
