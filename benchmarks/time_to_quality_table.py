@@ -50,7 +50,8 @@ def write_record(runs, path):
         writer.writerow(FIELDS)
         for (objects, recipe, seconds), values in sorted(runs.items()):
             for psnr, ssim, steps, seed in sorted(values, key=lambda v: v[3]):
-                writer.writerow([objects, recipe, seconds, seed, f'{psnr:.4f}', f'{ssim:.4f}', '' if steps is None else steps])
+                writer.writerow([objects, recipe, seconds, seed, f'{psnr:.4f}', f'{ssim:.4f}',
+                                 '' if steps is None else steps])
 
 
 def read_record(path, objects=None):

@@ -320,7 +320,8 @@ def test_fit_route_fits_new_codes_with_frozen_networks(trained, tmp_path):
 
 def _renderings(folder):
     """Every rendering a run wrote, stacked in file order: (V, s, s, 3) float."""
-    return np.stack([iio.imread(f) for f in sorted(glob.glob(str(folder / 'renderings' / '*' / '*.png')))]).astype(float)
+    files = sorted(glob.glob(str(folder / 'renderings' / '*' / '*.png')))
+    return np.stack([iio.imread(f) for f in files]).astype(float)
 
 
 def test_amp_renders_close_to_float32_and_fits(trained, tmp_path):
