@@ -21,6 +21,10 @@ Variants:
   fused_nographs   fused without CUDA graphs
   fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
+  fast_cdt, fast_autotune, fast_autotune_cdt   fast with the compiler's coordinate-descent tuning of its own
+              kernels, with its autotuning of matrix products (templates that fuse neighbouring elementwise work)
+              or with both
+  fast_budget03, fast_budget01   fast with activation memory budget 0.3 or 0.1 (more recomputation)
 (Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
 "fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
@@ -59,6 +63,15 @@ VARIANTS = {
 }
 # --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
 VARIANTS.update({f'fast_grad{k}': dict(VARIANTS['fast'], tracing_grad_steps=k) for k in (3, 1)})
+# --fast with more of the compiler's own tuning (torch._inductor.config settings, for this variant only) or more
+# recomputation
+VARIANTS.update({
+    'fast_cdt': dict(VARIANTS['fast'], inductor=dict(coordinate_descent_tuning=True)),
+    'fast_autotune': dict(VARIANTS['fast'], inductor=dict(max_autotune=True)),
+    'fast_autotune_cdt': dict(VARIANTS['fast'], inductor=dict(max_autotune=True, coordinate_descent_tuning=True)),
+    'fast_budget03': dict(VARIANTS['fast'], memory_budget=0.3),
+    'fast_budget01': dict(VARIANTS['fast'], memory_budget=0.1),
+})
 
 
 def make_batch(sidelength, batch_size, num_instances, device, seed=0, rays_per_view=None):
@@ -100,6 +113,12 @@ def time_cuda(fn, warmup, repeats):
 
 
 def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(options.get('inductor', {})):
+        return _bench_variant(name, options, sidelength, batch_size, args, rays_per_view)
+
+
+def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
     util.set_tf32(options['tf32'])
     torch._dynamo.reset()
     torch.manual_seed(0)
