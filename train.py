@@ -583,35 +583,48 @@ class ScalarQueue:
     last interval was being queued: the host never waits for the steps it has just queued, and the GPU stays busy
     with them while the host writes TensorBoard. ``flush(wait=True)`` returns every step pushed so far (before a
     checkpoint and at the end, so that no checkpoint is written past a non-finite step unseen).
+
+    Each window also carries the wall-clock seconds from the end of the window before it to its own end, where
+    its steps ran: a CUDA event's time on the device (idle gaps included), or the host's clock on the CPU, where
+    the steps have run when they are flushed. So the throughput stays right when several windows are read at once
+    (at a checkpoint, at the end), which the moment of reading would not give.
     """
 
     def __init__(self, reduce):
         self.reduce = reduce  # (k, S) on the device -> (k, S) on the device
         self.rows, self.steps = [], []
-        self.in_flight = []  # [(values (k, S) on the host, CUDA event or None, the k steps)], oldest first
+        self.in_flight = []  # [(values (k, S) on the host, CUDA event or host time, the k steps)], oldest first
+        self.last_end = None  # the end (event or host time) of the newest window returned
 
     def push(self, values, step):
         self.rows.append(values)
         self.steps.append(step)
 
     def flush(self, wait=False):
-        """-> [(values (k, S) float32 on the CPU, list of their k steps, perf_counter() when they were read)]"""
+        """-> [(values (k, S) float32 on the CPU, list of their k steps, seconds since the window before ended
+        or None for the first)]"""
         if self.rows:
             values = self.reduce(torch.stack(self.rows))
             if values.is_cuda:  # into pinned memory, in stream order; read once the event has passed
-                host, event = values.to('cpu', non_blocking=True), torch.cuda.Event()
-                event.record()
+                host, end = values.to('cpu', non_blocking=True), torch.cuda.Event(enable_timing=True)
+                end.record()
             else:
-                host, event = values.cpu(), None
-            self.in_flight.append((host, event, self.steps))
+                host, end = values.cpu(), time.perf_counter()
+            self.in_flight.append((host, end, self.steps))
             self.rows, self.steps = [], []
         split = len(self.in_flight) if wait else max(len(self.in_flight) - 1, 0)  # the newest stays in flight
         ready, self.in_flight = self.in_flight[:split], self.in_flight[split:]
         windows = []
-        for host, event, steps in ready:
-            if event is not None:
-                event.synchronize()
-            windows.append((host, steps, time.perf_counter()))
+        for host, end, steps in ready:
+            if isinstance(end, torch.cuda.Event):
+                end.synchronize()
+            seconds = None
+            if isinstance(end, torch.cuda.Event) and isinstance(self.last_end, torch.cuda.Event):
+                seconds = self.last_end.elapsed_time(end) / 1e3
+            elif isinstance(end, float) and isinstance(self.last_end, float):
+                seconds = end - self.last_end
+            self.last_end = end
+            windows.append((host, steps, seconds))
         return windows
 
 
@@ -981,17 +994,17 @@ def train(opt):
     loader, loader_iter, sampler, stage = None, None, None, None
     exit_code, last_checkpoint = 0, None
 
-    timer = {'time': None, 'step': None}  # the last window read: when, and the step after it (steps_per_second)
+    timer = {'step': None}  # the step after the last window read (steps_per_second)
 
     def flush_scalars(wait=False):
         """Write the per-step scalars that have reached the host (every one pushed, with ``wait``) and the
         throughput between log steps; return the first non-finite step among them, if any."""
         bad = None
-        for values, steps, now in scalars.flush(wait):  # values (k, len(SCALAR_NAMES))
+        for values, steps, seconds in scalars.flush(wait):  # values (k, len(SCALAR_NAMES))
             end = steps[-1] + 1
-            if writer is not None and timer['time'] is not None and end > timer['step']:
-                writer.add_scalar('steps_per_second', (end - timer['step']) / (now - timer['time']), end)
-            timer['time'], timer['step'] = now, end
+            if writer is not None and seconds and timer['step'] is not None and end > timer['step']:
+                writer.add_scalar('steps_per_second', (end - timer['step']) / seconds, end)
+            timer['step'] = end
             for row, logged_step in zip(values, steps):
                 if not torch.isfinite(row[:4]).all():
                     bad = bad or (logged_step, dict(zip(SCALAR_NAMES[:4], row[:4].tolist())))

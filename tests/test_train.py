@@ -197,6 +197,32 @@ def test_scalar_queue_reads_one_interval_late(device):
     assert queue.flush(wait=True) == []
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device's clock needs a CUDA GPU"))])
+def test_scalar_queue_times_each_window_where_it_ran(device):
+    """Two windows read at once (a checkpoint, the end of a run) each get the time their own steps took, not
+    the moment they were read: steps_per_second has no spike at checkpoints."""
+    queue = train.ScalarQueue(reduce=lambda values: values)
+
+    def window(seconds, steps):
+        for step in steps:
+            if device == 'cuda':
+                torch.cuda._sleep(int(seconds / len(steps) * 2.5e9))  # cycles: at least that long below 2.5 GHz
+            else:
+                time.sleep(seconds / len(steps))
+            queue.push(torch.zeros(2, device=device), step)
+
+    window(0.05, [0])
+    assert queue.flush() == []
+    window(0.2, [1, 2])
+    ((_, steps, seconds),) = queue.flush()
+    assert steps == [0] and seconds is None  # nothing before it to time it against
+    window(0.4, [3, 4])
+    (_, steps_b, seconds_b), (_, steps_c, seconds_c) = queue.flush(wait=True)
+    assert (steps_b, steps_c) == ([1, 2], [3, 4])
+    assert 0.2 <= seconds_b < 0.2 + 2 and 0.4 <= seconds_c < 0.4 + 2
+
+
 def test_non_finite_loss_stops_without_a_bad_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     real_losses, calls = train.srns.compute_losses, []
 
