@@ -339,8 +339,20 @@ def test_logged_scalars_are_reduced_over_ranks(tmp_path):
 
 
 def run_env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    return env
+    """The environment of a train.py/test.py subprocess: the project first on the path, then whatever the caller's
+    PYTHONPATH already held (packages installed there must stay importable)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS='1')
+
+
+def test_subprocesses_keep_the_callers_pythonpath(monkeypatch, tmp_path):
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    (tmp_path / 'only_on_the_callers_path.py').write_text('VALUE = 7\n')
+    result = subprocess.run([sys.executable, '-c', 'import only_on_the_callers_path, util; '
+                             'print(only_on_the_callers_path.VALUE)'], cwd=ROOT, env=run_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '7'
 
 
 @pytest.mark.parametrize('to_group', [False, True], ids=['process', 'process_group_with_workers'])
