@@ -346,10 +346,13 @@ def run_env():
 
 
 def test_subprocesses_keep_the_callers_pythonpath(monkeypatch, tmp_path):
-    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
-    (tmp_path / 'only_on_the_callers_path.py').write_text('VALUE = 7\n')
+    # Run from a folder that is neither, so the project (util) and the caller's module import only through the path.
+    callers, elsewhere = tmp_path / 'callers', tmp_path / 'elsewhere'
+    callers.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv('PYTHONPATH', str(callers))
+    (callers / 'only_on_the_callers_path.py').write_text('VALUE = 7\n')
     result = subprocess.run([sys.executable, '-c', 'import only_on_the_callers_path, util; '
-                             'print(only_on_the_callers_path.VALUE)'], cwd=ROOT, env=run_env(),
+                             'print(only_on_the_callers_path.VALUE)'], cwd=elsewhere, env=run_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '7'
