@@ -94,16 +94,25 @@ class HypoNetwork:
 
     :param layers: list of (weights (B, out, in), biases (B, 1, out), normalize) per layer; ``normalize``
         applies LayerNorm without affine and ReLU after the linear map.
-    :param fused: under mixed precision, evaluate with the fused kernels of kernels.py where they apply; the
-        code below stays the definition they are tested against.
+    :param fused: under mixed precision, evaluate with the fused kernels of kernels.py where they apply: True
+        always, ``'render'`` only where no gradient is taken (rendering, validation), False never; the code below
+        stays the definition they are tested against.
     """
 
     def __init__(self, layers, fused=False):
+        if fused not in (False, True, 'render'):
+            raise ValueError(f"fused must be False, True or 'render', not {fused!r}")
         self.layers = layers
         self.fused = fused
 
+    def needs_gradients(self, x):
+        """Whether autograd will take gradients through phi(x): of the points, or of the hypernetwork's outputs."""
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, *(w for w, _, _ in self.layers), *(b for _, b, _ in self.layers)))
+
     def __call__(self, x):  # (B, N, 3) -> (B, N, C)
-        if self.fused and torch.is_autocast_enabled(x.device.type):
+        if (self.fused and torch.is_autocast_enabled(x.device.type)
+                and (self.fused != 'render' or not self.needs_gradients(x))):
             import kernels  # here, not at the top: importing Triton costs seconds, and only this path needs it
             if kernels.supports(x, self.layers):
                 return kernels.phi(x, self.layers)
@@ -146,7 +155,7 @@ class HyperFC(nn.Module):
         else:
             layers.append(HyperLayer(in_ch=hidden_ch, out_ch=out_ch, **hyper_kwargs))
         self.layers = nn.ModuleList(layers)
-        self.fused_kernels = False  # kernels.py under mixed precision; set by SRNsModel.use_fused_kernels
+        self.fused_kernels = False  # kernels.py under mixed precision: False, True or 'render' (HypoNetwork's fused)
 
     def forward(self, hyper_input):  # z (B, L) -> phi
         hypo_layers = []

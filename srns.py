@@ -86,7 +86,11 @@ class SRNsModel(nn.Module):
 
     def use_fused_kernels(self, enabled=True):
         """Evaluate phi with the fused GPU kernels of kernels.py under mixed precision (a speed switch only:
-        the PyTorch layers stay the definition, float32 never uses the kernels). Returns self."""
+        the PyTorch layers stay the definition, float32 never uses the kernels): ``True`` always, ``'render'``
+        only without gradients (rendering and validation; training stays on the PyTorch layers), ``False``
+        never. Returns self."""
+        if enabled not in (False, True, 'render'):
+            raise ValueError(f"use_fused_kernels takes False, True or 'render', not {enabled!r}")
         if enabled:
             import kernels  # noqa: F401  (load Triton now, not inside a compiled region)
         if not self.fit_single_srn:

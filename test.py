@@ -128,6 +128,7 @@ def get_parser():
     p.add_argument('--fast', action='store_true',
                    help='the fast GPU path of train.py --fast for rendering and fitting: --amp bf16, --compile '
                         'and TF32 matmuls for what stays float32')
+    p.add_argument('--kernels', choices=util.KERNEL_CHOICES, default='render', help=util.KERNELS_HELP)
     return p
 
 
@@ -416,6 +417,7 @@ def main(argv=None):
     if opt.fast:
         opt.amp, opt.compile = 'bf16', True
     device = torch.device(opt.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    fused_kernels = util.fused_kernels_mode(opt.kernels, opt.amp, device)  # before any file is read
     util.set_tf32(opt.fast)  # by default float32 throughout, as the reference computed it
 
     dataset = dataio.SceneClassDataset(root_dir=opt.data_root, img_sidelength=opt.img_sidelength,
@@ -428,6 +430,7 @@ def main(argv=None):
     model = build_model(opt, num_instances, embedding_size)
     util.load_checkpoint(checkpoint['path'], model, overwrite_embeddings=opt.fit_steps > 0)
     model.to(device).eval()
+    model.use_fused_kernels(fused_kernels)
     forward = Forward(model, amp_dtype=torch.bfloat16 if opt.amp == 'bf16' else None, compile=opt.compile,
                       batch_size=opt.batch_size)
 

@@ -124,9 +124,7 @@ def get_parser():
                    help='With --compile on one CUDA device the compiled step is replayed as CUDA graphs (the CPU '
                         'then launches one graph instead of hundreds of kernels); this turns that off. Never '
                         'used under torchrun.')
-    g.add_argument('--kernels', choices=('torch', 'triton'), default='torch',
-                   help='phi under --amp bf16 / --fast: PyTorch layers (default), or the fused Triton kernels of '
-                        'kernels.py (experimental: not yet faster, see benchmarks/NOTES.md).')
+    g.add_argument('--kernels', choices=util.KERNEL_CHOICES, default='render', help=util.KERNELS_HELP)
     g.add_argument('--init_depth_std', type=float, default=5e-4,
                    help='Std of the ray marcher\'s initial depth noise (reference: 5e-4).')
     g.add_argument('--steps_til_log', type=int, default=10,
@@ -737,18 +735,11 @@ def main(argv=None):
 
 
 def use_fused_kernels(opt, device):
-    """--kernels: whether phi runs on the fused Triton kernels (only ever under --amp bf16)."""
-    if opt.kernels == 'torch':
-        return False
-    import kernels  # only here: importing Triton costs seconds
-    if opt.amp != 'bf16':
-        raise SetupError("--kernels triton: the fused kernels serve the mixed-precision path; add --fast or --amp "
-                         "bf16 (the float32 path is the reference's and stays on PyTorch)")
-    if device.type != 'cuda' or not kernels.available():
-        raise SetupError("--kernels triton: the fused kernels need Triton and a CUDA device "
-                         f"(device {device}, Triton {'installed' if kernels.triton else 'not installed'}); "
-                         "use --kernels torch")
-    return True
+    """--kernels: where phi runs on the fused Triton kernels (util.fused_kernels_mode): False, 'render' or True."""
+    try:
+        return util.fused_kernels_mode(opt.kernels, opt.amp, device)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
 
 
 def check_device_memory(device, nbytes, what):
@@ -905,7 +896,7 @@ def train(opt):
     if opt.compile:
         # The fused kernels save what their backward needs; with a memory budget the compiler ran their whole
         # forward again in the backward (benchmarks/NOTES.md).
-        train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels else 0.5,
+        train_model = util.compile_model(train_model, activation_memory_budget=1.0 if fused_kernels is True else 0.5,
                                          mode='reduce-overhead' if cuda_graphs else None)
     if world_size > 1:
         # has_params leaves the latent table without gradients: DDP must not wait for them

@@ -406,6 +406,37 @@ def autocast(device_type, amp_dtype=None):
     return torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+KERNEL_CHOICES = ('torch', 'render', 'triton')
+KERNELS_HELP = ('phi under --amp bf16 / --fast: on the fused Triton kernels of kernels.py where no gradients are '
+                'taken (rendering, validation) and on PyTorch layers where they are (training, fitting): render, '
+                'the default, which keeps to the PyTorch layers where the kernels cannot run (the CPU, float32); '
+                'on the kernels for gradients too: triton; on PyTorch layers everywhere: torch '
+                '(benchmarks/NOTES.md)')
+
+
+def fused_kernels_mode(choice, amp, device):
+    """``--kernels`` (torch, render or triton) -> the model's switch (``SRNsModel.use_fused_kernels``): False,
+    'render' or True. The kernels only ever serve bf16 autocast on a CUDA device with Triton: where they cannot
+    run, ``render`` gives False, and ``triton`` is refused (ValueError)."""
+    if choice == 'torch':
+        return False
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"--kernels {choice}: expected one of {', '.join(KERNEL_CHOICES)}")
+    if choice == 'render' and (amp != 'bf16' or device.type != 'cuda'):
+        return False
+    import kernels  # only here: importing Triton costs seconds
+    if choice == 'render':
+        return 'render' if kernels.available() else False
+    if amp != 'bf16':
+        raise ValueError("--kernels triton: the fused kernels serve the mixed-precision path; add --fast or --amp "
+                         "bf16 (the float32 path is the reference's and stays on PyTorch)")
+    if device.type != 'cuda' or not kernels.available():
+        raise ValueError("--kernels triton: the fused kernels need Triton and a CUDA device "
+                         f"(device {device}, Triton {'installed' if kernels.triton else 'not installed'}); "
+                         "use --kernels render or torch")
+    return True
+
+
 def compile_model(model, activation_memory_budget=0.5, mode=None):
     """``torch.compile`` with activation recomputation, the fast path's compiler settings.
 

@@ -13,11 +13,13 @@ Variants:
   bf16        bfloat16 autocast, eager
   compile     float32 with torch.compile
   fast        bfloat16 autocast + torch.compile recomputing activations (memory budget 0.5) + CUDA graphs + TF32 +
-              fused Adam: train.py's --fast on one GPU
+              fused Adam, rendering with phi on the fused Triton kernels: train.py's --fast on one GPU
+              (--kernels render, the default)
+  fast_torch  fast with phi on PyTorch layers in rendering too: train.py --fast --kernels torch
   fast_nographs    fast without CUDA graphs: train.py --fast --no_cuda_graphs (and --fast under torchrun)
   fast_nobudget    fast_nographs without activation recomputation
-  fused       fast with phi on the fused Triton kernels (kernels.py), no recomputation: train.py --fast
-              --kernels triton
+  fused       fast with phi on the fused Triton kernels (kernels.py) in training too, no recomputation: train.py
+              --fast --kernels triton
   fused_nographs   fused without CUDA graphs
   fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
@@ -53,14 +55,16 @@ VARIANTS = {
     'exact_tf32': dict(amp=None, compile=False, tf32=True),
     'bf16': dict(amp=torch.bfloat16, compile=False, tf32=True),
     'compile': dict(amp=None, compile=True, tf32=False),
-    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS),
-    'fast_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5),
+    'fast': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, compile_mode=GRAPHS, fused='render'),
+    'fast_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused='render'),
     'fast_nobudget': dict(amp=torch.bfloat16, compile=True, tf32=True),
     'fused': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True, compile_mode=GRAPHS),
     'fused_nographs': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=1.0, fused=True),
     'fused_budget05': dict(amp=torch.bfloat16, compile=True, tf32=True, memory_budget=0.5, fused=True),
     'fused_eager': dict(amp=torch.bfloat16, compile=False, tf32=True, fused=True),
 }
+# --fast --kernels torch: phi on PyTorch layers in rendering too (what --fast was before --kernels render)
+VARIANTS['fast_torch'] = dict(VARIANTS['fast'], fused=False)
 # --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
 VARIANTS.update({f'fast_grad{k}': dict(VARIANTS['fast'], tracing_grad_steps=k) for k in (3, 1)})
 # --fast with more of the compiler's own tuning (torch._inductor.config settings, for this variant only) or more
@@ -167,6 +171,8 @@ def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=No
     result['render_images_per_s'] = batch_size / result['render_ms'] * 1e3
     losses = train_step()
     result['loss_finite'] = bool(torch.isfinite(losses['total_loss']).item())
+    if args.profile_render:
+        result['render_profile'] = profile_steps(render, args.profile_render, 'rendering passes')
     if args.profile:
         model.train()
         result['profile'] = profile_steps(train_step, args.profile)
@@ -175,8 +181,9 @@ def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=No
     return result
 
 
-def profile_steps(step, num_steps, row_limit=25):
-    """torch.profiler over ``num_steps`` training steps: the kernels (and ops) by their own GPU time, per step.
+def profile_steps(step, num_steps, what='training steps', row_limit=25):
+    """torch.profiler over ``num_steps`` calls of ``step`` (training steps or rendering passes): the kernels (and
+    ops) by their own GPU time.
 
     :return: the table as text (also printed), self CUDA time and FLOP counts where PyTorch knows them
     """
@@ -187,7 +194,7 @@ def profile_steps(step, num_steps, row_limit=25):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=row_limit, max_name_column_width=70)
-    print(f"profile of {num_steps} training steps (times are totals over them):\n{table}", flush=True)
+    print(f"profile of {num_steps} {what} (times are totals over them):\n{table}", flush=True)
     return table
 
 
@@ -233,6 +240,8 @@ def main(argv=None):
     parser.add_argument('--compare', action='store_true', help='also compare fast and exact outputs')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
                         help='also profile this many training steps per variant and setting (torch.profiler)')
+    parser.add_argument('--profile_render', type=int, default=0, metavar='PASSES',
+                        help='also profile this many rendering passes per variant and setting')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py measures GPU throughput: no CUDA device found')

@@ -327,3 +327,79 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             results = dx, dw_part.sum(1).transpose(1, 2), db_part.sum(1)
         for i, (value, reference) in enumerate(zip(results, expected)):
             assert relative_error(value, reference) < 1e-5, (config, i)
+
+
+def test_kernels_mode_of_each_choice():
+    """--kernels -> the model's switch: render falls back to PyTorch where the kernels cannot run, triton is
+    refused there."""
+    cpu = torch.device('cpu')
+    assert util.fused_kernels_mode('torch', 'bf16', cpu) is False
+    assert util.fused_kernels_mode('render', 'bf16', cpu) is False
+    assert util.fused_kernels_mode('render', 'none', cpu) is False
+    with pytest.raises(ValueError, match='mixed-precision path'):
+        util.fused_kernels_mode('triton', 'none', cpu)
+    with pytest.raises(ValueError, match=r'need Triton and a CUDA device \(device cpu'):
+        util.fused_kernels_mode('triton', 'bf16', cpu)
+    with pytest.raises(ValueError, match='expected one of torch, render, triton'):
+        util.fused_kernels_mode('cuda', 'bf16', cpu)
+    if torch.cuda.is_available():
+        gpu = torch.device('cuda')
+        assert util.fused_kernels_mode('render', 'none', gpu) is False  # float32 never uses the kernels
+        assert util.fused_kernels_mode('render', 'bf16', gpu) == ('render' if kernels.available() else False)
+        if kernels.available():
+            assert util.fused_kernels_mode('triton', 'bf16', gpu) is True
+    with pytest.raises(ValueError, match='False, True or .render.'):
+        srns.SRNsModel(num_instances=1, latent_dim=8, tracing_steps=2).use_fused_kernels('always')
+
+
+@pytest.mark.parametrize('fused', [False, True, 'render'])
+def test_which_evaluations_the_switch_sends_to_the_kernels(monkeypatch, fused):
+    """True: every evaluation under mixed precision; 'render': only those without gradients (no_grad, or nothing
+    that requires grad); False: none; float32: none. The kernels are stood in for, so this runs anywhere."""
+    calls = []
+
+    def stand_in(x, layers, eps=1e-5):
+        calls.append(torch.is_grad_enabled())
+        return torch.zeros(*x.shape[:-1], layers[-1][0].shape[-2])
+
+    monkeypatch.setattr(kernels, 'supports', lambda x, layers: True)
+    monkeypatch.setattr(kernels, 'phi', stand_in)
+    torch.manual_seed(0)
+    hyper = hyperlayers.HyperFC(hyper_in_ch=8, hyper_num_hidden_layers=1, hyper_hidden_ch=8, hidden_ch=16,
+                                num_hidden_layers=1, in_ch=3, out_ch=16)
+    hyper.fused_kernels = fused
+    z, x = torch.randn(2, 8), torch.randn(2, 5, 3)
+    expected = []
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        hyper(z)(x)  # gradients of the hypernetwork's parameters to come
+        expected += [True] if fused is True else []
+        with torch.no_grad():
+            hyper(z)(x)
+        expected += [False] if fused else []
+        with torch.no_grad():
+            phi = hyper(z)
+        phi(x)  # grad mode on, but nothing requires grad
+        expected += [True] if fused else []
+        phi(x.requires_grad_())  # the points' gradient (the ray marcher's)
+        expected += [True] if fused is True else []
+    with torch.no_grad():
+        hyper(z)(x)  # float32
+    assert calls == expected
+
+
+@requires_kernels
+def test_render_switch_gives_the_kernels_without_gradients_and_pytorch_with_them():
+    """fused='render': without gradients phi(x) is the kernels' no-gradient output bit for bit; with gradients,
+    phi's output and every gradient are the PyTorch path's bit for bit."""
+    hyper, z, x, grad_v = make_phi(num_points=300 if DEVICE == 'cuda' else 70)
+    plain = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, amp_dtype=HALF)
+    render = phi_outputs_and_grads(hyper, z, x, grad_v, fused='render', amp_dtype=HALF)
+    assert render.keys() == plain.keys()
+    for name, reference in plain.items():
+        assert torch.equal(render[name], reference), name
+    hyper.fused_kernels = 'render'
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=HALF):
+        phi = hyper(z)
+        rendered, direct, pytorch = phi(x), kernels.phi(x, phi.layers), hyperlayers.HypoNetwork(phi.layers)(x)
+    assert torch.equal(rendered, direct)
+    assert not torch.equal(rendered, pytorch)  # a different computation, so the switch did choose the kernels

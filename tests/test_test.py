@@ -404,3 +404,13 @@ def test_shipped_test_configs_parse():
         opt = srn_test.get_parser().parse_args(['-c', config])
         assert opt.data_root and opt.checkpoint_path, config
         srn_test.parse_index_list(opt.fit_observation_idcs, config)
+
+
+def test_kernels_triton_where_they_cannot_run_is_a_clear_error(trained, tmp_path):
+    """--kernels triton needs bf16 and a CUDA device with Triton: refused before anything is written."""
+    with pytest.raises(ValueError, match=r'--kernels triton: .*mixed-precision path; add --fast or --amp bf16'):
+        srn_test.main(base_args(trained, tmp_path / 'a', '--kernels', 'triton'))
+    with pytest.raises(ValueError, match=r'--kernels triton: the fused kernels need Triton and a CUDA device '
+                                         r'\(device cpu'):
+        srn_test.main(base_args(trained, tmp_path / 'b', '--kernels', 'triton', '--amp', 'bf16'))
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
