@@ -399,12 +399,17 @@ def free_port():
 def torchrun(args):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--nnodes=1',
                '--master_addr=127.0.0.1', f'--master_port={free_port()}', str(ROOT / 'train.py'), *args]
-    return subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240)
+    try:
+        return subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as hung:  # say where it hung: what both ranks had printed by then
+        pytest.fail(f'torchrun did not finish in {hung.timeout} s\n{failure(hung)}')
 
 
 def failure(result):
     """What a failed torchrun said: its exit status, and the ends of its output and of its errors."""
-    return f'exit status {result.returncode}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}'
+    text = lambda out: out.decode(errors='replace') if isinstance(out, bytes) else (out or '')
+    status = getattr(result, 'returncode', 'none (killed)')
+    return f'exit status {status}\nstdout: {text(result.stdout)[-2000:]}\nstderr: {text(result.stderr)[-3000:]}'
 
 
 def test_torchrun_two_processes_gloo(tiny_dataset, tmp_path):
