@@ -172,10 +172,10 @@ def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=No
     losses = train_step()
     result['loss_finite'] = bool(torch.isfinite(losses['total_loss']).item())
     if args.profile_render:
-        result['render_profile'] = profile_steps(render, args.profile_render, 'rendering passes')
+        result['render_profile'] = profile_steps(render, args.profile_render, 'rendering passes', args.profile_rows)
     if args.profile:
         model.train()
-        result['profile'] = profile_steps(train_step, args.profile)
+        result['profile'] = profile_steps(train_step, args.profile, row_limit=args.profile_rows)
     del model, optimizer, forward
     torch.cuda.empty_cache()
     return result
@@ -242,6 +242,7 @@ def main(argv=None):
                         help='also profile this many training steps per variant and setting (torch.profiler)')
     parser.add_argument('--profile_render', type=int, default=0, metavar='PASSES',
                         help='also profile this many rendering passes per variant and setting')
+    parser.add_argument('--profile_rows', type=int, default=25, help='rows of each profile table (kernels by GPU time)')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py measures GPU throughput: no CUDA device found')

@@ -1,0 +1,159 @@
+"""What each fused kernel of kernels.py costs a multiprocessor, read off the compiler without a GPU.
+
+Compiles every autotuning candidate of every kernel for a CUDA target (default sm_90, the H100/H200) on this machine,
+through Triton's own compiler, and reports per candidate the registers a thread, the bytes spilled to local memory
+(the stack frame), the shared memory a program needs, and the matrix instructions used (HGMMA: Hopper's warpgroup
+products; HMMA: the older warp-level ones). A candidate over the multiprocessor's shared memory cannot launch, and
+one that spills moves its registers through local memory: both are worth knowing before a GPU is at hand.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd_p,...] [--first] [--out F.json]
+
+It needs Triton (any build; no CUDA device, no driver) and must not run under TRITON_INTERPRET.
+"""
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 100: 232448}  # bytes a block can use, by compute capability
+BF16, F32 = torch.bfloat16, torch.float32
+# The shapes the cars setting launches (B 64, N 4096, C 256): integer arguments are specialised as a launch with
+# them would be (divisible by 16), the pointer arguments as 16-byte aligned tensors of these dtypes.
+N, B, C, EPS = 4096, 64, 256, 1e-5
+
+
+def launches():
+    """(kernel name, positional argument dtypes or values, constants) for every way kernels.phi launches each
+    kernel in bfloat16 on phi's layout (every layer normalised)."""
+    rows, batch = N, 64
+    fwd_args = (BF16, BF16, BF16, BF16, F32, BF16, N, rows)
+    out = [('_input_layer_fwd', (F32, F32, F32, F32, BF16, N, rows, EPS), dict(C=C, KEEP=keep))
+           for keep in (True, False)]
+    for last, keep in ((False, True), (True, True), (False, False), (True, False)):
+        flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION='tf32')
+        out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
+        out.append(('_hidden_layer_fwd_p', (*fwd_args, batch, EPS), flags))
+    for above in (True, False):
+        out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
+                    dict(C=C, ABOVE=above, PRECISION='tf32')))
+    for above, ln_backward in ((True, True), (False, True), (True, False)):
+        out.append(('_hidden_layer_bwd_p', (BF16, BF16, BF16, F32, BF16, F32, N, 16, rows, batch),
+                    dict(C=C, ABOVE=above, LN_BACKWARD=ln_backward, PRECISION='tf32')))
+    out.append(('_hidden_layer_bwd_weights', (BF16, BF16, F32, F32, N, rows, 1024), dict(C=C, PRECISION='tf32')))
+    out.append(('_hidden_layer_bwd_weights_p', (BF16, BF16, BF16, N, rows, batch, N), dict(C=C, PRECISION='tf32')))
+    out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
+                dict(C=C, ROWS=256, PRECISION='tf32')))
+    out.append(('_input_layer_bwd_p', (BF16, F32, F32, F32, F32, F32, F32, F32, N, 16, rows, batch), dict(C=C)))
+    return out
+
+
+@contextlib.contextmanager
+def offline_driver(arch):
+    """Triton's CUDA driver for compiling only, while the block runs: the target is sm_``arch``, and nothing asks
+    for a device."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime import driver
+
+    class OfflineCuda(CudaDriver):
+        def __init__(self):  # no libcuda, no device
+            self.target = GPUTarget('cuda', arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device('cpu')
+    previous = driver._active  # None until a driver was first asked for (none can be made without a GPU)
+    driver.set_active(OfflineCuda())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def resource_usage(cubin):
+    """(registers, stack bytes) of the cubin's kernel, from cuobjdump (shipped with Triton)."""
+    import triton.backends.nvidia as nvidia
+    tool = pathlib.Path(nvidia.__file__).parent / 'bin' / 'cuobjdump'
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), '--dump-resource-usage', f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([str(tool), '-sass', f.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = (int(re.search(pattern, usage)[1]) for pattern in (r'REG:(\d+)', r'STACK:(\d+)'))
+    return registers, stack, len(re.findall(r'\bHGMMA\.', sass)), len(re.findall(r'\bHMMA\.', sass))
+
+
+def compile_candidate(kernel, args, constants, config):
+    compiled = kernel.fn.warmup(*args, **constants, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages, grid=(1,))
+    registers, stack, hgmma, hmma = resource_usage(compiled.asm['cubin'])
+    return dict(shared=compiled.metadata.shared, registers=registers, stack=stack, hgmma=hgmma, hmma=hmma)
+
+
+def report(arch=90, names=None, first_only=False):
+    """Every candidate (or only the first, which runs when autotuning is off) of the kernels ``names`` (all by
+    default), compiled for sm_``arch``: a list of dicts, one a candidate and way of launching the kernel."""
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        raise RuntimeError('kernel_resources.py compiles the kernels: unset TRITON_INTERPRET')
+    import kernels
+    rows = []
+    with offline_driver(arch):
+        for name, args, constants in launches():
+            if names and name not in names:
+                continue
+            configs = kernels.CANDIDATES[name][:1] if first_only else kernels.CANDIDATES[name]
+            for index, config in enumerate(configs):
+                row = dict(kernel=name, candidate=index, **config.kwargs, warps=config.num_warps,
+                           stages=config.num_stages,
+                           **{k: v for k, v in constants.items() if k not in ('C', 'PRECISION')})
+                try:
+                    row.update(compile_candidate(getattr(kernels, name), args, constants, config))
+                    row['fits'] = row['shared'] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]) and row['stack'] == 0
+                except Exception as error:  # a candidate the compiler refuses for this target
+                    row.update(error=str(error)[:200], fits=False)
+                rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', type=int, default=90, help='compute capability, e.g. 90 (H100, H200), 80 (A100)')
+    parser.add_argument('--kernels', default='', help='comma-separated kernel names (default: all)')
+    parser.add_argument('--first', action='store_true', help='only the first candidate of each kernel')
+    parser.add_argument('--out', default='', help='also write the rows as JSON here')
+    args = parser.parse_args(argv)
+    rows = report(args.arch, [n for n in args.kernels.split(',') if n], args.first)
+    for row in rows:
+        meta = ' '.join(f'{k}={v}' for k, v in row.items()
+                        if k not in ('kernel', 'candidate', 'shared', 'registers', 'stack', 'hgmma', 'hmma', 'fits',
+                                     'error'))
+        if 'error' in row:
+            print(f"{row['kernel']:28s} #{row['candidate']} {meta}: does not compile: {row['error']}")
+            continue
+        print(f"{row['kernel']:28s} #{row['candidate']} {meta:72s} {row['registers']:3d} regs  "
+              f"{row['stack']:5d} B stack  {row['shared'] / 1024:6.1f} KiB shared  HGMMA {row['hgmma']:3d}  "
+              f"HMMA {row['hmma']:3d}  {'ok' if row['fits'] else 'DOES NOT FIT'}")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({'arch': args.arch, 'rows': rows}, indent=1))
+
+
+if __name__ == '__main__':
+    main()
