@@ -406,7 +406,8 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
                    PRECISION=precision, config=config)
             expected, results = [grad32.transpose(1, 2) @ act32.clamp_min(0)], [dw.view(B, splits, C, C).sum(1)]
         else:  # _input_layer_bwd_p, from the gradient of the input layer's output (grad) and its row statistics
-            x, w0, b0 = rand(B, N, 3, dtype=torch.float32), rand(B, C, 3, dtype=torch.float32), rand(B, C, dtype=torch.float32)
+            x, w0 = rand(B, N, 3, dtype=torch.float32), rand(B, C, 3, dtype=torch.float32)
+            b0 = rand(B, C, dtype=torch.float32)
             pre0 = x @ w0.transpose(1, 2) + b0[:, None]
             xhat0, rstd0 = layer_norm(pre0)
             stats = torch.stack([pre0.mean(-1), rstd0], -1)
