@@ -394,6 +394,42 @@ if triton is not None:
                 row_ok = rows < end
                 x = tl.load(x_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
 
+    @triton.autotune(configs=_configs('_first_hidden_layer_fwd_p',
+                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 1),
+                                      ({'ROWS': 256, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 4, 1)),
+                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
+    @triton.jit
+    def _first_hidden_layer_fwd_p(x_ptr, w0_ptr, b0_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N,
+                                  ROWS_KEY, BATCH_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr,
+                                  WRITE_RELU: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr,
+                                  ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The input layer and the first hidden layer in one pass, for the rows [pid * ROWS, (pid + 1) * ROWS) of
+        observation b with the hidden layer's W held on chip: each tile's input-layer output relu(LayerNorm(x W0^T +
+        b0)) is formed in float32 from the points (B, N, 3) in registers, rounded to W's dtype as the product's operand,
+        and never stored; only its row statistics (mean, 1/std) are, with KEEP, for the backward to form it again.
+        Then the first hidden layer as ``_hidden_layer_fwd_p``. (Round 3 formed the input layer inside the K loop of
+        a per-tile product and starved its pipeline; here it is formed whole, before a single (BLOCK_M, C) x (C, C)
+        product, as the ReLU of the other layers is.)"""
+        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        cols = tl.arange(0, C)
+        w_t = tl.trans(tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :]))  # (C_in, C_out) = W^T
+        end = tl.minimum(pid * ROWS + ROWS, N)
+        for first in range(pid * ROWS, end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
+            pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C) float32
+            mean = tl.sum(pre, axis=1) / C
+            pre = pre - mean[:, None]
+            rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+            if KEEP:
+                tl.store(stats_ptr + (b * N + rows) * 2, mean, mask=row_ok)
+                tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
+            h = tl.maximum(pre * rstd[:, None], 0.).to(w_t.dtype)
+            acc = tl.dot(h, w_t, input_precision=PRECISION)
+            _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
+                                   WRITE_RELU, KEEP)
+
     @triton.autotune(configs=_configs('_hidden_layer_bwd_p',
                                       ({'ROWS': 512, 'BLOCK_M': 64}, 8, 2), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 2),
                                       ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 256, 'BLOCK_M': 64}, 8, 2),
@@ -432,17 +468,15 @@ if triton is not None:
         if LN_BACKWARD:
             tl.store(db_part_ptr + (b * PARTS + pid) * C + cols, db)
 
-    @triton.autotune(configs=_configs('_hidden_layer_bwd_weights_p',
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'SPLIT_ROWS'])
     @triton.jit
-    def _hidden_layer_bwd_weights_p(dpre_ptr, x_ptr, dw_ptr, N, ROWS_KEY, BATCH_KEY, SPLIT_ROWS, C: tl.constexpr,
-                                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C: tl.constexpr,
+                             FROM_POINTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
         """dW[n-block, :] = dpre[:, n-block]^T @ relu(x) over one run of SPLIT_ROWS rows (of S = cdiv(N, SPLIT_ROWS))
         of observation b: BLOCK_N rows of dW, all C columns, so each row of dpre is read once and each row of x once
         a block. Written to dw (B * S, C, C), float32 shares that the caller sums, or dW itself in its dtype when
-        S is 1. No bias gradient: ``_hidden_layer_bwd_p`` sums it as it forms dpre."""
+        S is 1. With FROM_POINTS x is the input layer's output, formed again in float32 from the points x_ptr
+        (B, N, 3), the row statistics and W0^T, b0, then rounded to dpre's dtype as the forward rounded it."""
         pid_n, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         cols = tl.arange(0, C)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -452,11 +486,43 @@ if triton is not None:
             rs = first + tl.arange(0, BLOCK_R)
             row_ok = rs < end
             d = tl.load(dpre_ptr + b * N * C + rs[:, None] * C + ns[None, :], mask=row_ok[:, None], other=0.)
-            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
+            if FROM_POINTS:
+                x0, x1, x2 = _points(x_ptr, b, rs, row_ok, N)
+                mean, rstd = _input_layer_stats(stats_ptr, b, rs, row_ok, N)  # rows past end: rstd 0, x 0
+                x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, cols, C)
+            else:
+                x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
             x = tl.where(x > 0, x, 0.).to(d.dtype)  # the previous layer's ReLU
             acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION)
         tl.store(dw_ptr + (b * tl.num_programs(1) + split) * C * C + ns[:, None] * C + cols[None, :],
                  acc.to(dw_ptr.dtype.element_ty))
+
+    @triton.autotune(configs=_configs('_hidden_layer_bwd_weights_p',
+                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
+                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3)),
+                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'SPLIT_ROWS'])
+    @triton.jit
+    def _hidden_layer_bwd_weights_p(dpre_ptr, x_ptr, dw_ptr, N, ROWS_KEY, BATCH_KEY, SPLIT_ROWS, C: tl.constexpr,
+                                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """A hidden layer's weight gradient dW = dpre^T @ relu(x) over runs of rows (``_weight_gradient_run``). No
+        bias gradient: ``_hidden_layer_bwd_p`` sums it as it forms dpre."""
+        _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, dw_ptr, dw_ptr, dw_ptr, N, SPLIT_ROWS, C, False, PRECISION,
+                             BLOCK_N, BLOCK_R)
+
+    @triton.autotune(configs=_configs('_first_hidden_layer_bwd_weights_p',
+                                      ({'BLOCK_N': 64, 'BLOCK_R': 32}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 16}, 8, 3),
+                                      ({'BLOCK_N': 64, 'BLOCK_R': 16}, 8, 3), ({'BLOCK_N': 64, 'BLOCK_R': 16}, 4, 3)),
+                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'SPLIT_ROWS'])
+    @triton.jit
+    def _first_hidden_layer_bwd_weights_p(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, ROWS_KEY, BATCH_KEY,
+                                          SPLIT_ROWS, C: tl.constexpr, PRECISION: tl.constexpr,
+                                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """The first hidden layer's weight gradient, whose input (the input layer's output) the forward never stored:
+        formed again from the points x (B, N, 3), the row statistics (B, N, 2) and W0^T, b0 (``_weight_gradient_run``
+        with FROM_POINTS). Its (rows, C) float32 tile costs registers the other layers' loads do not, hence its own
+        candidates, with fewer rows or dW rows a step."""
+        _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C, True, PRECISION,
+                             BLOCK_N, BLOCK_R)
 
     @triton.autotune(configs=_configs('_input_layer_bwd_p',
                                       ({'ROWS': 512, 'BLOCK_M': 16}, 4, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 8, 1),
@@ -578,7 +644,8 @@ def _multiprocessors(device):
 def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of the input layer and of every
     normalised hidden layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no
-    backward to come) only v."""
+    backward to come) only v. On the persistent kernels the input layer's xhat is never stored (an empty tensor
+    stands in its place): the backward forms it again from the points and the row statistics."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
     channels = weights[1].shape[-2]
@@ -588,10 +655,13 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     stats = empty_rows(2, dtype=torch.float32) if keep else x  # (without keep a pointer the kernel leaves alone)
-    xhats, rstds = [empty_rows(channels)], []
-    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], stats, xhats[0], num_points, rows_key, eps,
-                                    C=channels, KEEP=keep)
     persistent = _persistent(act_dtype)
+    if persistent:  # the input layer is formed inside the first hidden layer's pass and never stored
+        xhats, rstds = [torch.empty(0, device=x.device, dtype=act_dtype)], []
+    else:
+        xhats, rstds = [empty_rows(channels)], []
+        _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], stats, xhats[0], num_points, rows_key, eps,
+                                        C=channels, KEEP=keep)
     out = None
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
@@ -601,10 +671,14 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
         v = empty_rows(channels) if last and normalize and keep else out
         flags = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
                      PRECISION=_precision(act_dtype))
-        if persistent:
-            _launch(_hidden_layer_fwd_p)[_runs_grid(num_points, batch_size)](
-                xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, _batch_key(batch_size), eps,
-                **flags)
+        runs = _runs_grid(num_points, batch_size)
+        if persistent and i == 1:
+            _launch(_first_hidden_layer_fwd_p)[runs](x, weights[0], biases[0], stats, weights[i], biases[i], out,
+                                                     rstd, v, num_points, rows_key, _batch_key(batch_size), eps,
+                                                     **flags)
+        elif persistent:
+            _launch(_hidden_layer_fwd_p)[runs](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
+                                               _batch_key(batch_size), eps, **flags)
         else:
             _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
                                              eps, **flags)
@@ -690,9 +764,11 @@ def _weight_splits(batch_size, num_points, device):
     return max(1, min(wanted, triton.cdiv(num_points, 512)))
 
 
-def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None):
+def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None, input_layer=None):
     """dW = dpre^T @ relu(x) (B, C, C) of a hidden layer in ``dtype`` from dpre and x (B, N, C), on the persistent
-    kernel: ``splits`` runs of rows an observation (default ``_weight_splits``), their float32 shares summed."""
+    kernel: ``splits`` runs of rows an observation (default ``_weight_splits``), their float32 shares summed. With
+    ``input_layer`` = (stats, W0^T, b0), x is the points (B, N, 3) and the layer's input is the input layer's output,
+    formed again from them."""
     batch_size, num_points, channels = dpre.shape
     splits = splits or _weight_splits(batch_size, num_points, dpre.device)
     split_rows = triton.cdiv(triton.cdiv(num_points, splits), 64) * 64  # whole BLOCK_R steps of every candidate
@@ -702,16 +778,22 @@ def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None):
 
     def grid(meta):
         return (channels // meta['BLOCK_N'], splits, batch_size)
-    _launch(_hidden_layer_bwd_weights_p)[grid](dpre, x, dw, num_points, rows_key, batch_key, split_rows, C=channels,
-                                               PRECISION=_precision(dtype))
+    if input_layer is None:
+        _launch(_hidden_layer_bwd_weights_p)[grid](dpre, x, dw, num_points, rows_key, batch_key, split_rows,
+                                                   C=channels, PRECISION=_precision(dtype))
+    else:
+        _launch(_first_hidden_layer_bwd_weights_p)[grid](dpre, x, dw, *input_layer, num_points, rows_key, batch_key,
+                                                         split_rows, C=channels, PRECISION=_precision(dtype))
     if splits == 1:
         return dw
     return dw.view(batch_size, splits, channels, channels).sum(1).to(dtype)
 
 
 def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
-    """``_phi_backward_impl`` on the persistent kernels: the same dataflow, with each layer's bias gradient summed
-    as its dpre is formed (shares of each run of rows, summed here) instead of in the weight-gradient kernel."""
+    """``_phi_backward_impl`` on the persistent kernels: the same dataflow, except that each layer's bias gradient
+    is summed as its dpre is formed (shares of each run of rows, summed here) instead of in the weight-gradient
+    kernel, the first hidden layer's weight gradient forms its input (the input layer's output, never stored) again
+    from the points, and the input layer's output gradient is stored for a float32 pass of its own."""
     batch_size, num_points, channels = grad_v.shape
     rows_key, batch_key = _rows_key(num_points), _batch_key(batch_size)
     grid = _runs_grid(num_points, batch_size)
@@ -735,12 +817,16 @@ def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
         dpre, db = grad_v.to(dtype), grad_v.float().sum(1).to(dtype)
     grads = []
     for i in range(top, 0, -1):
-        grads = [_weight_gradients_p(dpre, xhats[i - 1], dtype, rows_key, batch_key), db, *grads]
+        if i > 1:
+            dw = _weight_gradients_p(dpre, xhats[i - 1], dtype, rows_key, batch_key)
+        else:  # the first hidden layer's input, the input layer's output, formed again from the points
+            dw = _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, input_layer=(stats, weights[0], bias0))
+        grads = [dw, db, *grads]
         if i > 1:
             dpre, db = layer_norm_relu_backward(dpre, weights[i], xhats[i - 1], rstds[i - 2])
     # The input layer: the gradient of its output through the first hidden layer's W, in the activations' dtype (as
     # PyTorch's mixed precision has it), then its backward in float32, with each run's shares of dW0 and db0.
-    grad0, _ = layer_norm_relu_backward(dpre, weights[1], xhats[0], stats, ln_backward=False)
+    grad0, _ = layer_norm_relu_backward(dpre, weights[1], dpre, stats, ln_backward=False)
     runs = _max_runs('_input_layer_bwd_p', num_points)
     dx = torch.empty_like(x)
     dw_part = torch.zeros(batch_size, runs, 3, channels, device=x.device, dtype=torch.float32)

@@ -42,6 +42,8 @@ def launches():
         flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION='tf32')
         out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
         out.append(('_hidden_layer_fwd_p', (*fwd_args, batch, EPS), flags))
+        out.append(('_first_hidden_layer_fwd_p', (F32, F32, F32, F32, BF16, BF16, BF16, F32, BF16, N, rows, batch, EPS),
+                    flags))
     for above in (True, False):
         out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
                     dict(C=C, ABOVE=above, PRECISION='tf32')))
@@ -50,6 +52,8 @@ def launches():
                     dict(C=C, ABOVE=above, LN_BACKWARD=ln_backward, PRECISION='tf32')))
     out.append(('_hidden_layer_bwd_weights', (BF16, BF16, F32, F32, N, rows, 1024), dict(C=C, PRECISION='tf32')))
     out.append(('_hidden_layer_bwd_weights_p', (BF16, BF16, BF16, N, rows, batch, N), dict(C=C, PRECISION='tf32')))
+    out.append(('_first_hidden_layer_bwd_weights_p', (BF16, F32, BF16, F32, F32, F32, N, rows, batch, N),
+                dict(C=C, PRECISION='tf32')))
     out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION='tf32')))
     out.append(('_input_layer_bwd_p', (BF16, F32, F32, F32, F32, F32, F32, F32, N, 16, rows, batch), dict(C=C)))

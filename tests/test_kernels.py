@@ -340,7 +340,8 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             assert relative_error(value, reference) < 1e-5, (config, i)
 
 
-PERSISTENT = ['_hidden_layer_fwd_p', '_hidden_layer_bwd_p', '_hidden_layer_bwd_weights_p', '_input_layer_bwd_p']
+PERSISTENT = ['_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_hidden_layer_bwd_p', '_hidden_layer_bwd_weights_p',
+              '_first_hidden_layer_bwd_weights_p', '_input_layer_bwd_p']
 
 
 @requires_kernels
@@ -369,6 +370,13 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
     def layer_norm(pre):
         return F.layer_norm(pre, (C,), eps=eps), 1 / torch.sqrt(pre.var(-1, unbiased=False) + eps)
     act32, grad32, w32, b32 = act.float(), grad.float(), w.float(), b.float()
+    # The input layer (float32 whatever the activations' dtype), its output formed from the points
+    x, w0 = rand(B, N, 3, dtype=torch.float32), rand(B, C, 3, dtype=torch.float32)
+    b0 = rand(B, C, dtype=torch.float32)
+    w0t = w0.transpose(1, 2).contiguous()  # the kernels take W0 transposed, (B, 3, C)
+    pre0 = x @ w0.transpose(1, 2) + b0[:, None]
+    xhat0, rstd0 = layer_norm(pre0)
+    stats = torch.stack([pre0.mean(-1), rstd0], -1)  # its row statistics (B, N, 2)
     for config in configs:
         runs = cdiv(N, config.kwargs.get('ROWS', N))
         grid = (runs, B)
@@ -382,6 +390,14 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
             xhat, rstd_expected = layer_norm(act32.clamp_min(0) @ w32.transpose(1, 2) + b32[:, None])
             expected = xhat, rstd_expected, xhat.clamp_min(0), xhat.clamp_min(0)
             results = out, rstd_out, relu, inference
+        elif name == '_first_hidden_layer_fwd_p':
+            out, rstd_out = torch.empty_like(act), torch.empty(B, N, device=DEVICE)
+            stats_out = torch.empty(B, N, 2, device=DEVICE)
+            launch(name, grid, x, w0t, b0, stats_out, w, b, out, rstd_out, out, N, rows_key, batch_key, eps, C=C,
+                   NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION=precision, config=config)
+            h0 = xhat0.clamp_min(0).to(dtype).float()  # the product's operand, rounded as the forward rounds it
+            xhat, rstd_expected = layer_norm(h0 @ w32.transpose(1, 2) + b32[:, None])
+            expected, results = (xhat, rstd_expected, stats), (out, rstd_out, stats_out)
         elif name == '_hidden_layer_bwd_p':
             results, expected = [], []
             for above, ln_backward in ((True, True), (False, True), (True, False)):
@@ -398,24 +414,23 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
                 else:
                     results.append(dpre)
                     expected.append(from_above)
-        elif name == '_hidden_layer_bwd_weights_p':
+        elif name in ('_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p'):
             split = 512
             splits = cdiv(N, split)
             dw = torch.full((B * splits, C, C), float('nan'), device=DEVICE)
-            launch(name, (C // config.kwargs['BLOCK_N'], splits, B), grad, act, dw, N, rows_key, batch_key, split, C=C,
-                   PRECISION=precision, config=config)
-            expected, results = [grad32.transpose(1, 2) @ act32.clamp_min(0)], [dw.view(B, splits, C, C).sum(1)]
+            if name == '_hidden_layer_bwd_weights_p':
+                pointers, layer_input = (act, dw), act32.clamp_min(0)
+            else:  # the input layer's output formed from the points, rounded as the forward rounds it
+                pointers, layer_input = (x, dw, stats, w0t, b0), xhat0.clamp_min(0).to(dtype).float()
+            launch(name, (C // config.kwargs['BLOCK_N'], splits, B), grad, *pointers, N, rows_key, batch_key, split,
+                   C=C, PRECISION=precision, config=config)
+            expected, results = [grad32.transpose(1, 2) @ layer_input], [dw.view(B, splits, C, C).sum(1)]
         else:  # _input_layer_bwd_p, from the gradient of the input layer's output (grad) and its row statistics
-            x, w0 = rand(B, N, 3, dtype=torch.float32), rand(B, C, 3, dtype=torch.float32)
-            b0 = rand(B, C, dtype=torch.float32)
-            pre0 = x @ w0.transpose(1, 2) + b0[:, None]
-            xhat0, rstd0 = layer_norm(pre0)
-            stats = torch.stack([pre0.mean(-1), rstd0], -1)
             dx = torch.full_like(x, float('nan'))
             dw_part = torch.zeros(B, runs, 3, C, device=DEVICE)
             db_part = torch.zeros(B, runs, C, device=DEVICE)
-            launch(name, grid, grad, stats, x, w0.transpose(1, 2).contiguous(), b0, dx, dw_part, db_part, N, runs,
-                   rows_key, batch_key, C=C, config=config)
+            launch(name, grid, grad, stats, x, w0t, b0, dx, dw_part, db_part, N, runs, rows_key, batch_key, C=C,
+                   config=config)
             dpre = layer_norm_relu_backward(grad32, xhat0, rstd0)
             expected = dpre @ w0, dpre.transpose(1, 2) @ x, dpre.sum(1)
             results = dx, dw_part.sum(1).transpose(1, 2), db_part.sum(1)
@@ -468,7 +483,8 @@ def test_the_persistent_kernels_fit_a_hopper_multiprocessor():
     assert {row['kernel'] for row in rows} == set(PERSISTENT)
     for row in rows:
         assert row['fits'], row
-        has_product = row['kernel'] in ('_hidden_layer_fwd_p', '_hidden_layer_bwd_weights_p') or (
+        has_product = row['kernel'] in ('_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p',
+                                        '_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p') or (
             row['kernel'] == '_hidden_layer_bwd_p' and row['ABOVE'])
         assert (row['hgmma'] > 0) == has_product, row
 
