@@ -468,6 +468,39 @@ if triton is not None:
         if LN_BACKWARD:
             tl.store(db_part_ptr + (b * PARTS + pid) * C + cols, db)
 
+    @triton.autotune(configs=_configs('_top_layer_bwd_p',
+                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 1),
+                                      ({'ROWS': 256, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 2048, 'BLOCK_M': 64}, 8, 1)),
+                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
+    @triton.jit
+    def _top_layer_bwd_p(grad_ptr, x_ptr, w_ptr, b_ptr, dpre_ptr, db_part_ptr, N, PARTS, ROWS_KEY, BATCH_KEY, eps,
+                         C: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """phi's last layer's backward, whose xhat the forward did not store (only its ReLU, phi's output): for the rows
+        [pid * ROWS, (pid + 1) * ROWS) of observation b, with the layer's W held on chip, xhat is formed again from the
+        layer's input x (B, N, C) (the layer's forward: relu(x) @ W^T + b, LayerNorm in float32), then dpre is the
+        LayerNorm/ReLU backward of phi's output gradient (B, N, C), stored, and summed over the rows into row pid of
+        db_part (B, PARTS, C). One product a tile more than storing xhat and its 1/std, two activations fewer."""
+        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        cols = tl.arange(0, C)
+        w_t = tl.trans(tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :]))  # (C_in, C_out) = W^T
+        end = tl.minimum(pid * ROWS + ROWS, N)
+        db = tl.zeros([C], dtype=tl.float32)
+        for first in range(pid * ROWS, end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            tile = rows[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.)
+            grad = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
+            pre = tl.dot(tl.where(x > 0, x, 0.).to(w_t.dtype), w_t, input_precision=PRECISION)
+            pre += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
+            mean = tl.sum(pre, axis=1) / C
+            pre = pre - mean[:, None]
+            rstd = tl.where(row_ok, 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps), 0.)  # rows past end: dpre 0
+            dpre = _layer_norm_relu_bwd_of(grad, pre * rstd[:, None], rstd, C)
+            tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
+            db += tl.sum(dpre, axis=0)
+        tl.store(db_part_ptr + (b * PARTS + pid) * C + cols, db)
+
     @triton.jit
     def _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C: tl.constexpr,
                              FROM_POINTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -644,8 +677,9 @@ def _multiprocessors(device):
 def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of the input layer and of every
     normalised hidden layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no
-    backward to come) only v. On the persistent kernels the input layer's xhat is never stored (an empty tensor
-    stands in its place): the backward forms it again from the points and the row statistics."""
+    backward to come) only v. On the persistent kernels the input layer's xhat, and the last layer's xhat and 1/std,
+    are not stored (empty tensors stand in their places): the backward forms them again, from the points and the
+    row statistics, and from the last layer's input."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
     channels = weights[1].shape[-2]
@@ -666,10 +700,13 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
         normalize = normalize_last or not last
+        # On the persistent kernels a normalised last layer (above the first) stores phi's output alone, as without
+        # a backward: its backward forms xhat again from this layer's input (``_top_layer_bwd_p``).
+        keep_layer = keep and not (persistent and last and normalize and i > 1)
         out = empty_rows(channels)
-        rstd = empty_rows(dtype=torch.float32) if normalize and keep else out
-        v = empty_rows(channels) if last and normalize and keep else out
-        flags = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
+        rstd = empty_rows(dtype=torch.float32) if normalize and keep_layer else out
+        v = empty_rows(channels) if last and normalize and keep_layer else out
+        flags = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep_layer,
                      PRECISION=_precision(act_dtype))
         runs = _runs_grid(num_points, batch_size)
         if persistent and i == 1:
@@ -682,7 +719,10 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
         else:
             _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
                                              eps, **flags)
-        if normalize:
+        if normalize and keep and not keep_layer:  # stand-ins for what this layer did not store
+            xhats.append(torch.empty(0, device=x.device, dtype=act_dtype))
+            rstds.append(torch.empty(0, device=x.device, dtype=torch.float32))
+        elif normalize:  # (without keep, xhats[-1] is only the next layer's input)
             xhats.append(out), rstds.append(rstd)
         out = v
     return [out, stats, *xhats, *rstds] if keep else [out]
@@ -710,17 +750,17 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
             db.view(batch_size, splits, channels).sum(1).to(dtype))
 
 
-def _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds):
-    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from what
-    the forward kept: the input layer's row statistics, xhat of the input layer and of the normalised hidden
-    layers, and their 1/std.
+def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
+    """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from the
+    layers' weights and biases and what the forward kept: the input layer's row statistics, xhat of the input layer
+    and of the normalised hidden layers, and their 1/std.
 
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
     points and its row statistics."""
     if _persistent(weights[1].dtype):
-        return _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds)
+        return _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds)
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
@@ -748,7 +788,7 @@ def _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds):
     dx = torch.empty_like(x)
     dw_part = torch.empty(batch_size, num_parts, 3, channels, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch_size, num_parts, channels, device=x.device, dtype=torch.float32)
-    _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], stats, x, weights[0], bias0, dx, dw_part,
+    _launch(_input_layer_bwd)[(num_parts, batch_size)](dpre, weights[1], stats, x, weights[0], biases[0], dx, dw_part,
                                                        db_part, num_points, rows_key, C=channels, ROWS=INPUT_ROWS,
                                                        PRECISION=_precision(dtype))
     dw0 = dw_part.sum(1).to(weights[0].dtype)  # (B, 3, C), the gradient of W0^T
@@ -789,7 +829,7 @@ def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None, input_
     return dw.view(batch_size, splits, channels, channels).sum(1).to(dtype)
 
 
-def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
+def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds):
     """``_phi_backward_impl`` on the persistent kernels: the same dataflow, except that each layer's bias gradient
     is summed as its dpre is formed (shares of each run of rows, summed here) instead of in the weight-gradient
     kernel, the first hidden layer's weight gradient forms its input (the input layer's output, never stored) again
@@ -811,7 +851,13 @@ def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
                                            ABOVE=w_above is not None, LN_BACKWARD=ln_backward,
                                            PRECISION=_precision(dtype))
         return dpre, db_part.sum(1).to(dtype)
-    if len(rstds) == top:  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
+    if len(rstds) == top and top > 1:  # a normalised last layer whose xhat the forward did not store
+        dpre = torch.empty_like(grad_v)
+        db_part = torch.zeros(batch_size, runs, channels, device=x.device, dtype=torch.float32)
+        _launch(_top_layer_bwd_p)[grid](grad_v, xhats[top - 1], weights[top], biases[top], dpre, db_part, num_points,
+                                        runs, rows_key, batch_key, 1e-5, C=channels, PRECISION=_precision(dtype))
+        db = db_part.sum(1).to(dtype)
+    elif len(rstds) == top:  # a normalised last layer that is the first: LayerNorm/ReLU backward of its output
         dpre, db = layer_norm_relu_backward(grad_v, None, xhats[top], rstds[top - 1])
     else:  # a linear last layer
         dpre, db = grad_v.to(dtype), grad_v.float().sum(1).to(dtype)
@@ -820,7 +866,7 @@ def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
         if i > 1:
             dw = _weight_gradients_p(dpre, xhats[i - 1], dtype, rows_key, batch_key)
         else:  # the first hidden layer's input, the input layer's output, formed again from the points
-            dw = _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, input_layer=(stats, weights[0], bias0))
+            dw = _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, input_layer=(stats, weights[0], biases[0]))
         grads = [dw, db, *grads]
         if i > 1:
             dpre, db = layer_norm_relu_backward(dpre, weights[i], xhats[i - 1], rstds[i - 2])
@@ -831,7 +877,7 @@ def _phi_backward_persistent(grad_v, x, weights, bias0, stats, xhats, rstds):
     dx = torch.empty_like(x)
     dw_part = torch.zeros(batch_size, runs, 3, channels, device=x.device, dtype=torch.float32)
     db_part = torch.zeros(batch_size, runs, channels, device=x.device, dtype=torch.float32)
-    _launch(_input_layer_bwd_p)[grid](grad0, stats, x, weights[0], bias0, dx, dw_part, db_part, num_points, runs,
+    _launch(_input_layer_bwd_p)[grid](grad0, stats, x, weights[0], biases[0], dx, dw_part, db_part, num_points, runs,
                                       rows_key, batch_key, C=channels)
     return [dx, dw_part.sum(1).to(weights[0].dtype), db_part.sum(1).to(weights[0].dtype), *grads]
 
@@ -849,9 +895,9 @@ def _register():
         return _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=False)[0]
 
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
-    def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], bias0: torch.Tensor,
+    def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                       stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _phi_backward_impl(grad_v, x, weights, bias0, stats, xhats, rstds)
+        return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds)
 
     def _setup_context(ctx, inputs, output):
         x, weights, biases, _, normalize_last = inputs
@@ -859,15 +905,15 @@ def _register():
         num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
         stats, xhats, rstds = output[1], output[2:3 + num_norm], output[3 + num_norm:]  # xhats[0]: input layer's
         ctx.num_layers, ctx.num_norm = len(weights), num_norm
-        ctx.save_for_backward(x, biases[0], stats, *weights, *xhats, *rstds)
+        ctx.save_for_backward(x, stats, *weights, *biases, *xhats, *rstds)
         ctx.mark_non_differentiable(stats, *xhats, *rstds)
 
     def _backward(ctx, grads):
         saved = ctx.saved_tensors
         n, m = ctx.num_layers, ctx.num_norm
-        x, bias0, stats, weights = saved[0], saved[1], saved[2], list(saved[3:3 + n])
-        xhats, rstds = list(saved[3 + n:4 + n + m]), list(saved[4 + n + m:])
-        flat = _phi_backward(grads[0].contiguous(), x, weights, bias0, stats, xhats, rstds)
+        x, stats, weights, biases = saved[0], saved[1], list(saved[2:2 + n]), list(saved[2 + n:2 + 2 * n])
+        xhats, rstds = list(saved[2 + 2 * n:3 + 2 * n + m]), list(saved[3 + 2 * n + m:])
+        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds)
         return flat[0], flat[1::2], flat[2::2], None, None
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)

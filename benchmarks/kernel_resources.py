@@ -50,6 +50,8 @@ def launches():
     for above, ln_backward in ((True, True), (False, True), (True, False)):
         out.append(('_hidden_layer_bwd_p', (BF16, BF16, BF16, F32, BF16, F32, N, 16, rows, batch),
                     dict(C=C, ABOVE=above, LN_BACKWARD=ln_backward, PRECISION='tf32')))
+    out.append(('_top_layer_bwd_p', (BF16, BF16, BF16, BF16, BF16, F32, N, 16, rows, batch, EPS),
+                dict(C=C, PRECISION='tf32')))
     out.append(('_hidden_layer_bwd_weights', (BF16, BF16, F32, F32, N, rows, 1024), dict(C=C, PRECISION='tf32')))
     out.append(('_hidden_layer_bwd_weights_p', (BF16, BF16, BF16, N, rows, batch, N), dict(C=C, PRECISION='tf32')))
     out.append(('_first_hidden_layer_bwd_weights_p', (BF16, F32, BF16, F32, F32, F32, N, rows, batch, N),

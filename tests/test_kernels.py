@@ -340,8 +340,8 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             assert relative_error(value, reference) < 1e-5, (config, i)
 
 
-PERSISTENT = ['_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_hidden_layer_bwd_p', '_hidden_layer_bwd_weights_p',
-              '_first_hidden_layer_bwd_weights_p', '_input_layer_bwd_p']
+PERSISTENT = ['_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_hidden_layer_bwd_p', '_top_layer_bwd_p',
+              '_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p', '_input_layer_bwd_p']
 
 
 @requires_kernels
@@ -414,6 +414,14 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
                 else:
                     results.append(dpre)
                     expected.append(from_above)
+        elif name == '_top_layer_bwd_p':  # xhat formed again from the layer's input (act), then LayerNorm's backward
+            dpre = torch.empty_like(act)
+            db_part = torch.full((B, runs, C), float('nan'), device=DEVICE)
+            launch(name, grid, grad, act, w, b, dpre, db_part, N, runs, rows_key, batch_key, eps, C=C,
+                   PRECISION=precision, config=config)
+            xhat, rstd_top = layer_norm(act32.clamp_min(0) @ w32.transpose(1, 2) + b32[:, None])
+            reference = layer_norm_relu_backward(grad32, xhat, rstd_top)
+            expected, results = (reference, reference.sum(1)), (dpre, db_part.sum(1))
         elif name in ('_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p'):
             split = 512
             splits = cdiv(N, split)
@@ -483,7 +491,7 @@ def test_the_persistent_kernels_fit_a_hopper_multiprocessor():
     assert {row['kernel'] for row in rows} == set(PERSISTENT)
     for row in rows:
         assert row['fits'], row
-        has_product = row['kernel'] in ('_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p',
+        has_product = row['kernel'] in ('_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_top_layer_bwd_p',
                                         '_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p') or (
             row['kernel'] == '_hidden_layer_bwd_p' and row['ABOVE'])
         assert (row['hgmma'] > 0) == has_product, row
