@@ -750,7 +750,7 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
             db.view(batch_size, splits, channels).sum(1).to(dtype))
 
 
-def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
+def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from the
     layers' weights and biases and what the forward kept: the input layer's row statistics, xhat of the input layer
     and of the normalised hidden layers, and their 1/std.
@@ -760,7 +760,7 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
     points and its row statistics."""
     if _persistent(weights[1].dtype):
-        return _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds)
+        return _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, eps)
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
@@ -829,7 +829,7 @@ def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None, input_
     return dw.view(batch_size, splits, channels, channels).sum(1).to(dtype)
 
 
-def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds):
+def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, eps):
     """``_phi_backward_impl`` on the persistent kernels: the same dataflow, except that each layer's bias gradient
     is summed as its dpre is formed (shares of each run of rows, summed here) instead of in the weight-gradient
     kernel, the first hidden layer's weight gradient forms its input (the input layer's output, never stored) again
@@ -853,9 +853,10 @@ def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds):
         return dpre, db_part.sum(1).to(dtype)
     if len(rstds) == top and top > 1:  # a normalised last layer whose xhat the forward did not store
         dpre = torch.empty_like(grad_v)
-        db_part = torch.zeros(batch_size, runs, channels, device=x.device, dtype=torch.float32)
+        top_runs = _max_runs('_top_layer_bwd_p', num_points)
+        db_part = torch.zeros(batch_size, top_runs, channels, device=x.device, dtype=torch.float32)
         _launch(_top_layer_bwd_p)[grid](grad_v, xhats[top - 1], weights[top], biases[top], dpre, db_part, num_points,
-                                        runs, rows_key, batch_key, 1e-5, C=channels, PRECISION=_precision(dtype))
+                                        top_runs, rows_key, batch_key, eps, C=channels, PRECISION=_precision(dtype))
         db = db_part.sum(1).to(dtype)
     elif len(rstds) == top:  # a normalised last layer that is the first: LayerNorm/ReLU backward of its output
         dpre, db = layer_norm_relu_backward(grad_v, None, xhats[top], rstds[top - 1])
@@ -896,15 +897,16 @@ def _register():
 
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
     def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds)
+                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor],
+                      eps: float) -> list[torch.Tensor]:
+        return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps)
 
     def _setup_context(ctx, inputs, output):
-        x, weights, biases, _, normalize_last = inputs
+        x, weights, biases, eps, normalize_last = inputs
         hidden = len(weights) - 1
         num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
         stats, xhats, rstds = output[1], output[2:3 + num_norm], output[3 + num_norm:]  # xhats[0]: input layer's
-        ctx.num_layers, ctx.num_norm = len(weights), num_norm
+        ctx.num_layers, ctx.num_norm, ctx.eps = len(weights), num_norm, eps
         ctx.save_for_backward(x, stats, *weights, *biases, *xhats, *rstds)
         ctx.mark_non_differentiable(stats, *xhats, *rstds)
 
@@ -913,7 +915,7 @@ def _register():
         n, m = ctx.num_layers, ctx.num_norm
         x, stats, weights, biases = saved[0], saved[1], list(saved[2:2 + n]), list(saved[2 + n:2 + 2 * n])
         xhats, rstds = list(saved[2 + 2 * n:3 + 2 * n + m]), list(saved[3 + 2 * n + m:])
-        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds)
+        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds, ctx.eps)
         return flat[0], flat[1::2], flat[2::2], None, None
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)

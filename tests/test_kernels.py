@@ -126,6 +126,31 @@ def test_odd_sizes_and_a_single_point(impl):
 
 
 @requires_kernels
+def test_layer_norms_epsilon_reaches_the_forward_and_the_backward(impl):
+    """phi with an epsilon other than LayerNorm's default (1e-5): outputs and every gradient equal a float32 PyTorch
+    phi with the same epsilon, so the backward (which on the persistent kernels forms the last layer's xhat again)
+    uses the forward's."""
+    hyper, z, x, grad_v = make_phi(num_points=300 if DEVICE == 'cuda' else 70)
+    util.set_tf32(False)
+    layers = [(w.detach().requires_grad_(), b.detach().requires_grad_(), norm) for w, b, norm in hyper(z).layers]
+    eps = 0.1
+
+    def reference(points):  # HypoNetwork in float32, with LayerNorm's epsilon set
+        for weights, biases, normalize in layers:
+            points = points @ weights.transpose(1, 2) + biases
+            points = F.relu(F.layer_norm(points, points.shape[-1:], eps=eps)) if normalize else points
+        return points
+    values = []
+    for phi in (reference, lambda points: kernels.phi(points, layers, eps=eps)):
+        points = x.detach().requires_grad_()
+        v = phi(points)
+        grads = torch.autograd.grad((v * grad_v).sum(), [points, *[t for w, b, _ in layers for t in (w, b)]])
+        values.append([v, *grads])
+    for i, (fused, expected) in enumerate(zip(values[1], values[0])):
+        assert relative_error(fused, expected) < 1e-5, i
+
+
+@requires_kernels
 @pytest.mark.parametrize('outermost_linear', [False, True])
 def test_without_gradients_phi_is_the_same(outermost_linear, impl):
     """Under no_grad the kernels store phi's output alone (no xhat or 1/std for a backward): same values."""
