@@ -19,6 +19,13 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
   (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
   ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
 
+Two sets of kernels compute this (``IMPL``, from ``SRN_KERNELS_IMPL``): ``tiles``, one program per tile of rows,
+which loads the layer's W (128 KB in bfloat16) again from L2 for every tile of 64 rows; and ``persistent``, one
+program per run of rows of one observation, which loads W into shared memory once and takes the run tile by tile
+(16-bit activations only: a float32 W does not fit in shared memory). The persistent set also forms the input layer
+inside the first hidden layer's pass instead of storing it, and keeps only phi's output of the last layer; their
+backward forms what was not stored again (benchmarks/NOTES.md, round 7).
+
 Tolerance: the kernels take bfloat16 activations and weights (float32 for the input layer) with float32
 accumulation, like PyTorch's bf16 path; they differ from it only in rounding (LayerNorm here sees the float32
 product where PyTorch rounds it to bf16 first). ``tests/test_kernels.py`` holds outputs and gradients to the
