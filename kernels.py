@@ -364,6 +364,18 @@ if triton is not None:
     # product a single (BLOCK_M, C) x (C, C) step of the matrix units. They compute what the per-tile kernels compute
     # (the same stored activations), so either set serves kernels.phi (``IMPL``).
 
+    @triton.jit
+    def _store_share(part_ptr, share, pid, b, PARTS, ROW: tl.constexpr, OFFSET: tl.constexpr, WIDTH: tl.constexpr):
+        """share (WIDTH,) into row pid of observation b's shares (B, PARTS, ROW) at OFFSET, float32, and zeros there in
+        the rows past the last program's: PARTS is the most runs any candidate makes, the one that ran may make fewer,
+        and whatever ran before it (an autotuning trial, say) may have left values there; so the caller can sum all
+        PARTS rows whatever ran."""
+        cols = OFFSET + tl.arange(0, WIDTH)
+        tl.store(part_ptr + (b * PARTS + pid) * ROW + cols, share)
+        if pid == 0:
+            for row in range(tl.num_programs(0), PARTS):
+                tl.store(part_ptr + (b * PARTS + row) * ROW + cols, tl.zeros([WIDTH], dtype=tl.float32))
+
     @triton.autotune(configs=_configs('_hidden_layer_fwd_p',
                                       ({'ROWS': 512, 'BLOCK_M': 64, 'PREFETCH': True}, 8, 1),
                                       ({'ROWS': 1024, 'BLOCK_M': 64, 'PREFETCH': True}, 8, 1),
@@ -473,7 +485,7 @@ if triton is not None:
                 dpre = grad
             tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
         if LN_BACKWARD:
-            tl.store(db_part_ptr + (b * PARTS + pid) * C + cols, db)
+            _store_share(db_part_ptr, db, pid, b, PARTS, C, 0, C)
 
     @triton.autotune(configs=_configs('_top_layer_bwd_p',
                                       ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 1),
@@ -506,7 +518,7 @@ if triton is not None:
             dpre = _layer_norm_relu_bwd_of(grad, pre * rstd[:, None], rstd, C)
             tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
             db += tl.sum(dpre, axis=0)
-        tl.store(db_part_ptr + (b * PARTS + pid) * C + cols, db)
+        _store_share(db_part_ptr, db, pid, b, PARTS, C, 0, C)
 
     @triton.jit
     def _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C: tl.constexpr,
@@ -569,13 +581,13 @@ if triton is not None:
                                       ({'ROWS': 1024, 'BLOCK_M': 16}, 4, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 4, 1)),
                      key=['ROWS_KEY', 'BATCH_KEY', 'C'])
     @triton.jit
-    def _input_layer_bwd_p(grad_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr, db_part_ptr, N, PARTS,
-                           ROWS_KEY, BATCH_KEY, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _input_layer_bwd_p(grad_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, part_ptr, N, PARTS, ROWS_KEY, BATCH_KEY,
+                           C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
         """The input layer's backward for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, from the gradient
         of its output (B, N, C) (formed by ``_hidden_layer_bwd_p`` without LN_BACKWARD) and its row statistics, from
-        which its xhat is formed again in float32: dx, and this run's shares of dW0^T and db0 in row pid of
-        (B, PARTS, 3, C) and (B, PARTS, C). No matrix product, so the tiles stay in a layout where each thread holds
-        few columns, and the running sums over rows cost few registers."""
+        which its xhat is formed again in float32: dx, and this run's share of dW0^T's three rows and db0 in row pid of
+        (B, PARTS, 4, C). No matrix product, so the tiles stay in a layout where each thread holds few columns, and
+        the running sums over rows cost few registers."""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
         end = tl.minimum(pid * ROWS + ROWS, N)
@@ -601,11 +613,10 @@ if triton is not None:
             dw1 += tl.sum(dpre * x1[:, None], axis=0)
             dw2 += tl.sum(dpre * x2[:, None], axis=0)
             db += tl.sum(dpre, axis=0)
-        part = b * PARTS + pid
-        tl.store(dw_part_ptr + (part * 3) * C + cols, dw0)
-        tl.store(dw_part_ptr + (part * 3 + 1) * C + cols, dw1)
-        tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, dw2)
-        tl.store(db_part_ptr + part * C + cols, db)
+        _store_share(part_ptr, dw0, pid, b, PARTS, 4 * C, 0, C)
+        _store_share(part_ptr, dw1, pid, b, PARTS, 4 * C, C, C)
+        _store_share(part_ptr, dw2, pid, b, PARTS, 4 * C, 2 * C, C)
+        _store_share(part_ptr, db, pid, b, PARTS, 4 * C, 3 * C, C)
 
 
 # Which kernels run phi's hidden layers and the input layer's backward (``SRN_KERNELS_IMPL``): 'tiles', a program a
@@ -852,7 +863,7 @@ def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, ep
         """(dpre, db) of a normalised hidden layer from the gradient above it (with ``w_above``: that layer's dpre);
         without ``ln_backward`` (the input layer's) only the gradient of its output."""
         dpre = torch.empty_like(xhat)
-        db_part = torch.zeros(batch_size, runs if ln_backward else 1, channels, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(batch_size, runs if ln_backward else 1, channels, device=x.device, dtype=torch.float32)
         _launch(_hidden_layer_bwd_p)[grid](above, above if w_above is None else w_above, xhat, rstd, dpre, db_part,
                                            num_points, runs, rows_key, batch_key, C=channels,
                                            ABOVE=w_above is not None, LN_BACKWARD=ln_backward,
@@ -861,7 +872,7 @@ def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, ep
     if len(rstds) == top and top > 1:  # a normalised last layer whose xhat the forward did not store
         dpre = torch.empty_like(grad_v)
         top_runs = _max_runs('_top_layer_bwd_p', num_points)
-        db_part = torch.zeros(batch_size, top_runs, channels, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(batch_size, top_runs, channels, device=x.device, dtype=torch.float32)
         _launch(_top_layer_bwd_p)[grid](grad_v, xhats[top - 1], weights[top], biases[top], dpre, db_part, num_points,
                                         top_runs, rows_key, batch_key, eps, C=channels, PRECISION=_precision(dtype))
         db = db_part.sum(1).to(dtype)
@@ -883,11 +894,11 @@ def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, ep
     grad0, _ = layer_norm_relu_backward(dpre, weights[1], dpre, stats, ln_backward=False)
     runs = _max_runs('_input_layer_bwd_p', num_points)
     dx = torch.empty_like(x)
-    dw_part = torch.zeros(batch_size, runs, 3, channels, device=x.device, dtype=torch.float32)
-    db_part = torch.zeros(batch_size, runs, channels, device=x.device, dtype=torch.float32)
-    _launch(_input_layer_bwd_p)[grid](grad0, stats, x, weights[0], biases[0], dx, dw_part, db_part, num_points, runs,
-                                      rows_key, batch_key, C=channels)
-    return [dx, dw_part.sum(1).to(weights[0].dtype), db_part.sum(1).to(weights[0].dtype), *grads]
+    parts = torch.empty(batch_size, runs, 4, channels, device=x.device, dtype=torch.float32)  # dW0^T's rows, db0
+    _launch(_input_layer_bwd_p)[grid](grad0, stats, x, weights[0], biases[0], dx, parts, num_points, runs, rows_key,
+                                      batch_key, C=channels)
+    shares = parts.sum(1).to(weights[0].dtype)  # (B, 4, C)
+    return [dx, shares[:, :3].clone(), shares[:, 3].clone(), *grads]  # (B, 3, C) and (B, C), not views of one
 
 
 def _register():

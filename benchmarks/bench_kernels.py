@@ -83,8 +83,8 @@ def main(argv=None):
     # The persistent kernels (kernels.IMPL = 'persistent'): a program a run of meta['ROWS'] rows, W loaded once.
     runs_grid = lambda meta: (triton_cdiv(N, meta['ROWS']), B)  # noqa: E731
     max_runs = triton_cdiv(N, 256)
-    db_parts = torch.zeros(B, max_runs, C, device=dev)
-    parts3, parts_b = torch.zeros(B, max_runs, 3, C, device=dev), torch.zeros(B, max_runs, C, device=dev)
+    db_parts = torch.empty(B, max_runs, C, device=dev)
+    parts4 = torch.empty(B, max_runs, 4, C, device=dev)  # the input layer's shares of dW0^T and db0
     keys = (kernels._rows_key(N), kernels._batch_key(B))  # the autotuner's ROWS_KEY and BATCH_KEY
     cases += [
         ('_hidden_layer_fwd_p', kernels._hidden_layer_fwd_p, runs_grid,
@@ -115,7 +115,7 @@ def main(argv=None):
          lambda meta: (C // meta['BLOCK_N'], 1, B), lambda kw: (act, x, dw, stats, w0, b0, N, *keys, N),
          dict(C=C, PRECISION='tf32'), act_bytes, flops),
         ('_input_layer_bwd_p', kernels._input_layer_bwd_p, runs_grid,
-         lambda kw: (act, stats, x, w0, b0, dx3, parts3, parts_b, N, max_runs, *keys), dict(C=C), act_bytes, 0),
+         lambda kw: (act, stats, x, w0, b0, dx3, parts4, N, max_runs, *keys), dict(C=C), act_bytes, 0),
     ]
     for splits in (1, 2, 4):
         report(f'kernels._weight_gradients_p ({splits} runs an observation, autotuned, shares summed)',

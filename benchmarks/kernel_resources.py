@@ -58,7 +58,7 @@ def launches():
                 dict(C=C, PRECISION='tf32')))
     out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION='tf32')))
-    out.append(('_input_layer_bwd_p', (BF16, F32, F32, F32, F32, F32, F32, F32, N, 16, rows, batch), dict(C=C)))
+    out.append(('_input_layer_bwd_p', (BF16, F32, F32, F32, F32, F32, F32, N, 16, rows, batch), dict(C=C)))
     return out
 
 

@@ -427,9 +427,8 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
             results, expected = [], []
             for above, ln_backward in ((True, True), (False, True), (True, False)):
                 dpre = torch.empty_like(act)
-                db_part = torch.full((B, runs + 1, C), float('nan'), device=DEVICE)
-                db_part[:, runs:] = 0  # rows of db_part past the runs: no program writes them
-                launch(name, grid, grad, w, act, rstd, dpre, db_part, N, runs + 1, rows_key, batch_key, C=C,
+                db_part = torch.full((B, runs + 2, C), float('nan'), device=DEVICE)  # rows past the runs: zeroed
+                launch(name, grid, grad, w, act, rstd, dpre, db_part, N, runs + 2, rows_key, batch_key, C=C,
                        ABOVE=above, LN_BACKWARD=ln_backward, PRECISION=precision, config=config)
                 from_above = grad32 @ w32 if above else grad32
                 if ln_backward:
@@ -441,8 +440,8 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
                     expected.append(from_above)
         elif name == '_top_layer_bwd_p':  # xhat formed again from the layer's input (act), then LayerNorm's backward
             dpre = torch.empty_like(act)
-            db_part = torch.full((B, runs, C), float('nan'), device=DEVICE)
-            launch(name, grid, grad, act, w, b, dpre, db_part, N, runs, rows_key, batch_key, eps, C=C,
+            db_part = torch.full((B, runs + 1, C), float('nan'), device=DEVICE)  # a row past the runs: zeroed
+            launch(name, grid, grad, act, w, b, dpre, db_part, N, runs + 1, rows_key, batch_key, eps, C=C,
                    PRECISION=precision, config=config)
             xhat, rstd_top = layer_norm(act32.clamp_min(0) @ w32.transpose(1, 2) + b32[:, None])
             reference = layer_norm_relu_backward(grad32, xhat, rstd_top)
@@ -460,13 +459,12 @@ def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
             expected, results = [grad32.transpose(1, 2) @ layer_input], [dw.view(B, splits, C, C).sum(1)]
         else:  # _input_layer_bwd_p, from the gradient of the input layer's output (grad) and its row statistics
             dx = torch.full_like(x, float('nan'))
-            dw_part = torch.zeros(B, runs, 3, C, device=DEVICE)
-            db_part = torch.zeros(B, runs, C, device=DEVICE)
-            launch(name, grid, grad, stats, x, w0t, b0, dx, dw_part, db_part, N, runs, rows_key, batch_key, C=C,
+            parts = torch.full((B, runs + 1, 4, C), float('nan'), device=DEVICE)  # a row past the runs: zeroed
+            launch(name, grid, grad, stats, x, w0t, b0, dx, parts, N, runs + 1, rows_key, batch_key, C=C,
                    config=config)
             dpre = layer_norm_relu_backward(grad32, xhat0, rstd0)
-            expected = dpre @ w0, dpre.transpose(1, 2) @ x, dpre.sum(1)
-            results = dx, dw_part.sum(1).transpose(1, 2), db_part.sum(1)
+            expected = dpre @ w0, x.transpose(1, 2) @ dpre, dpre.sum(1)
+            results = dx, parts.sum(1)[:, :3], parts.sum(1)[:, 3]
             # float32 throughout, whatever the activations' dtype: only the rounding of grad, already in the inputs
             for i, (value, reference) in enumerate(zip(results, expected)):
                 assert relative_error(value, reference) < 1e-5, (config, i)
