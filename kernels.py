@@ -460,9 +460,10 @@ if triton is not None:
                             PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
         """``_hidden_layer_bwd`` for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, W_above loaded once;
         it also sums dpre over these rows, this run's share of the layer's bias gradient, into row pid of db_part
-        (B, PARTS, C) float32 (PARTS >= cdiv(N, ROWS); rows no program writes stay as they were), from dpre before
-        it is rounded to the activations' dtype. Without LN_BACKWARD it stores the gradient from above itself (the
-        input layer's output gradient, for ``_input_layer_bwd_p``), and no bias share."""
+        (B, PARTS, C) float32 (PARTS >= cdiv(N, ROWS)), from dpre before it is rounded to the activations' dtype;
+        ``_store_share`` zeroes the rows past the last run. Without
+        LN_BACKWARD it stores the gradient from above itself (the input layer's output gradient, for
+        ``_input_layer_bwd_p``), and no bias share."""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
         if ABOVE:
