@@ -361,8 +361,8 @@ if triton is not None:
     # The kernels above load a tile's rows and then all of W (128 KB in bfloat16) again from L2 for every tile: at 64
     # rows a tile that is 4x the tile's own bytes, and with one program a multiprocessor nothing hides it (NOTES,
     # rounds 4-5). Here a program loads W once, into shared memory, and runs over ROWS rows tile by tile, each tile's
-    # product a single (BLOCK_M, C) x (C, C) step of the matrix units. They compute what the per-tile kernels compute
-    # (the same stored activations), so either set serves kernels.phi (``IMPL``).
+    # product a single (BLOCK_M, C) x (C, C) step of the matrix units. They compute what the per-tile kernels compute,
+    # so either set serves kernels.phi (``IMPL``).
 
     @triton.jit
     def _store_share(part_ptr, share, pid, b, PARTS, ROW: tl.constexpr, OFFSET: tl.constexpr, WIDTH: tl.constexpr):
@@ -622,7 +622,8 @@ if triton is not None:
 
 # Which kernels run phi's hidden layers and the input layer's backward (``SRN_KERNELS_IMPL``): 'tiles', a program a
 # tile of rows that loads the layer's W again for every tile (rounds 1-5 of benchmarks/NOTES.md), or 'persistent', a
-# program a run of rows of one observation with W loaded once (round 7). Both store the same activations.
+# program a run of rows of one observation with W loaded once (round 7), which also stores the input layer's and the
+# last layer's normalised values no more (its backward forms them again). Both compute the same function.
 IMPLS = ('tiles', 'persistent')
 IMPL = os.environ.get('SRN_KERNELS_IMPL', 'tiles')
 
