@@ -657,13 +657,13 @@ def _rows_grid(num_rows, batch_size):
     return grid
 
 
-def _persistent(dtype):
-    """Whether phi's hidden layers run on the persistent kernels (``IMPL``): only for 16-bit activations on a GPU,
-    where a layer's W (128 KB in bfloat16) fits in a multiprocessor's shared memory; in float32 (256 KB) it does
-    not, so float32 keeps the per-tile kernels there (the interpreter, which has no such limit, runs both)."""
+def _persistent(weights):
+    """Whether phi's hidden layers, of weights (B, C, C), run on the persistent kernels (``IMPL``): on a GPU only
+    where W fits in a multiprocessor's shared memory next to a tile, 128 KB (C = 256 in 16 bits); so float32 (256 KB
+    at C = 256) and wider layers keep the per-tile kernels there. The interpreter, without such a limit, runs both."""
     if IMPL not in IMPLS:
         raise ValueError(f"SRN_KERNELS_IMPL={IMPL!r}: expected one of {', '.join(IMPLS)}")
-    return IMPL == 'persistent' and (dtype != torch.float32 or INTERPRET)
+    return IMPL == 'persistent' and (INTERPRET or weights[0].numel() * weights.element_size() <= 128 * 1024)
 
 
 def _batch_key(batch_size):
@@ -709,7 +709,7 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     stats = empty_rows(2, dtype=torch.float32) if keep else x  # (without keep a pointer the kernel leaves alone)
-    persistent = _persistent(act_dtype)
+    persistent = _persistent(weights[1])
     if persistent:  # the input layer is formed inside the first hidden layer's pass and never stored
         xhats, rstds = [torch.empty(0, device=x.device, dtype=act_dtype)], []
     else:
@@ -779,7 +779,7 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
     points and its row statistics."""
-    if _persistent(weights[1].dtype):
+    if _persistent(weights[1]):
         return _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, eps)
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)

@@ -499,7 +499,19 @@ def test_weight_splits_fill_the_gpu_with_runs_of_at_least_512_rows():
 def test_an_unknown_kernel_set_is_refused(monkeypatch):
     monkeypatch.setattr(kernels, 'IMPL', 'fastest')
     with pytest.raises(ValueError, match=r"SRN_KERNELS_IMPL='fastest': expected one of tiles, persistent"):
-        kernels._persistent(torch.bfloat16)
+        kernels._persistent(torch.zeros(1, 256, 256, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter has no shared memory to fit, so it runs both sets always")
+def test_the_persistent_kernels_serve_only_weights_that_fit_in_shared_memory(monkeypatch):
+    """256 x 256 in 16 bits (128 KB) fits next to a tile; in float32, or 512 wide, the per-tile kernels stay."""
+    monkeypatch.setattr(kernels, 'IMPL', 'persistent')
+    assert kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.bfloat16))
+    assert kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.float16))
+    assert not kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.float32))
+    assert not kernels._persistent(torch.zeros(2, 512, 512, dtype=torch.bfloat16))
+    monkeypatch.setattr(kernels, 'IMPL', 'tiles')
+    assert not kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.bfloat16))
 
 
 @pytest.mark.skipif(kernels.triton is None or kernels.INTERPRET or torch.cuda.is_available(),
