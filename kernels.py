@@ -99,6 +99,19 @@ if triton is not None:
                 tl.load(point + 2, mask=row_ok, other=0.))
 
     @triton.jit
+    def _weights(w_ptr, b, C: tl.constexpr):
+        """Observation b's (C, C) weights from (B, C, C), one tile: what the persistent kernels hold on chip."""
+        cols = tl.arange(0, C)
+        return tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :])
+
+    @triton.jit
+    def _centred_and_rstd(pre, eps, C: tl.constexpr):
+        """LayerNorm's statistics of a (rows, C) float32 tile: the tile minus its row means, the means, and 1/std."""
+        mean = tl.sum(pre, axis=1) / C
+        pre = pre - mean[:, None]
+        return pre, mean, 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+
+    @triton.jit
     def _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C: tl.constexpr):
         """The input layer's pre-activation x @ W0^T + b0 on channels ks, (rows, len(ks)) float32, from W0
         transposed, (B, 3, C): each coordinate's weights contiguous."""
@@ -127,9 +140,7 @@ if triton is not None:
         cols = tl.arange(0, C)
         acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
         if NORMALIZE:
-            mean = tl.sum(acc, axis=1) / C
-            acc = acc - mean[:, None]
-            rstd = 1. / tl.sqrt(tl.sum(acc * acc, axis=1) / C + eps)
+            acc, _, rstd = _centred_and_rstd(acc, eps, C)
             acc = acc * rstd[:, None]
             if KEEP:
                 tl.store(rstd_ptr + b * N + rows, rstd, mask=row_ok)
@@ -160,10 +171,7 @@ if triton is not None:
         x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
         if BLOCK_K >= C:
             cols = tl.arange(0, C)
-            pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C)
-            mean = tl.sum(pre, axis=1) / C
-            pre = pre - mean[:, None]
-            rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+            pre, mean, rstd = _centred_and_rstd(_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C), eps, C)
             tl.store(out_ptr + b * N * C + rows[:, None] * C + cols[None, :],
                      (pre * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
@@ -392,7 +400,7 @@ if triton is not None:
         PREFETCH each tile's rows are loaded while the tile before it is multiplied and normalised."""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
-        w_t = tl.trans(tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :]))  # (C_in, C_out) = W^T
+        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
         end = tl.minimum(pid * ROWS + ROWS, N)
         rows = pid * ROWS + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -431,16 +439,14 @@ if triton is not None:
         product, as the ReLU of the other layers is.)"""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
-        w_t = tl.trans(tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :]))  # (C_in, C_out) = W^T
+        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
         end = tl.minimum(pid * ROWS + ROWS, N)
         for first in range(pid * ROWS, end, BLOCK_M):
             rows = first + tl.arange(0, BLOCK_M)
             row_ok = rows < end
             x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
             pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C) float32
-            mean = tl.sum(pre, axis=1) / C
-            pre = pre - mean[:, None]
-            rstd = 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+            pre, mean, rstd = _centred_and_rstd(pre, eps, C)
             if KEEP:
                 tl.store(stats_ptr + (b * N + rows) * 2, mean, mask=row_ok)
                 tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
@@ -461,13 +467,12 @@ if triton is not None:
         """``_hidden_layer_bwd`` for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, W_above loaded once;
         it also sums dpre over these rows, this run's share of the layer's bias gradient, into row pid of db_part
         (B, PARTS, C) float32 (PARTS >= cdiv(N, ROWS)), from dpre before it is rounded to the activations' dtype;
-        ``_store_share`` zeroes the rows past the last run. Without
-        LN_BACKWARD it stores the gradient from above itself (the input layer's output gradient, for
-        ``_input_layer_bwd_p``), and no bias share."""
+        ``_store_share`` zeroes the rows past the last run. Without LN_BACKWARD it stores the gradient from above
+        itself (the input layer's output gradient, for ``_input_layer_bwd_p``), and no bias share."""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
         if ABOVE:
-            w_above = tl.load(w_above_ptr + b * C * C + cols[:, None] * C + cols[None, :])  # (C_above, C)
+            w_above = _weights(w_above_ptr, b, C)  # (C_above, C)
         end = tl.minimum(pid * ROWS + ROWS, N)
         db = tl.zeros([C], dtype=tl.float32)
         for first in range(pid * ROWS, end, BLOCK_M):
@@ -502,7 +507,7 @@ if triton is not None:
         db_part (B, PARTS, C). One product a tile more than storing xhat and its 1/std, two activations fewer."""
         pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
-        w_t = tl.trans(tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :]))  # (C_in, C_out) = W^T
+        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
         end = tl.minimum(pid * ROWS + ROWS, N)
         db = tl.zeros([C], dtype=tl.float32)
         for first in range(pid * ROWS, end, BLOCK_M):
@@ -513,9 +518,8 @@ if triton is not None:
             grad = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
             pre = tl.dot(tl.where(x > 0, x, 0.).to(w_t.dtype), w_t, input_precision=PRECISION)
             pre += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
-            mean = tl.sum(pre, axis=1) / C
-            pre = pre - mean[:, None]
-            rstd = tl.where(row_ok, 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps), 0.)  # rows past end: dpre 0
+            pre, _, rstd = _centred_and_rstd(pre, eps, C)
+            rstd = tl.where(row_ok, rstd, 0.)  # rows past end: dpre 0
             dpre = _layer_norm_relu_bwd_of(grad, pre * rstd[:, None], rstd, C)
             tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
             db += tl.sum(dpre, axis=0)
