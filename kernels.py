@@ -109,7 +109,7 @@ if triton is not None:
         """LayerNorm's statistics of a (rows, C) float32 tile: the tile minus its row means, the means, and 1/std."""
         mean = tl.sum(pre, axis=1) / C
         pre = pre - mean[:, None]
-        return pre, mean, 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + eps)
+        return pre, mean, 1. / tl.sqrt(tl.sum(pre * pre, axis=1) / C + tl.cast(eps, tl.float32))
 
     @triton.jit
     def _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C: tl.constexpr):
@@ -184,7 +184,7 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_K)
                 centred = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C) - mean[:, None]
                 squares += tl.sum(centred * centred, axis=1)
-            rstd = 1. / tl.sqrt(squares / C + eps)
+            rstd = 1. / tl.sqrt(squares / C + tl.cast(eps, tl.float32))
             for k0 in range(0, C, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 xhat = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, ks, C)

@@ -6,7 +6,11 @@ through Triton's own compiler, and reports per candidate the registers a thread,
 products; HMMA: the older warp-level ones). A candidate over the multiprocessor's shared memory cannot launch, and
 one that spills moves its registers through local memory: both are worth knowing before a GPU is at hand.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd_p,...] [--first] [--out F.json]
+    python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd_p,...] [--first] [--compiled]
+                                          [--out F.json]
+
+With --compiled, float arguments (LayerNorm's eps) are compiled as fp64, as torch.compile launches the kernels (it
+types a Python float fp64), where Triton's own launcher types it fp32.
 
 It needs Triton (any build; no CUDA device, no driver) and must not run under TRITON_INTERPRET.
 """
@@ -107,16 +111,37 @@ def resource_usage(cubin):
     return registers, stack, len(re.findall(r'\bHGMMA\.', sass)), len(re.findall(r'\bHMMA\.', sass))
 
 
-def compile_candidate(kernel, args, constants, config):
-    compiled = kernel.fn.warmup(*args, **constants, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages, grid=(1,))
+@contextlib.contextmanager
+def float_arguments_as(fn, dtype):
+    """While the block runs, the jitted ``fn`` compiles its float arguments (eps) as ``dtype``: 'fp32' as Triton's
+    own launcher types a Python float, 'fp64' as torch.compile's (Inductor's signature for Python floats). Its
+    in-memory cache is emptied around the block, whose keys do not tell the two apart."""
+    pack = fn._pack_args
+
+    def packed(*args, **kwargs):
+        options, signature, constexprs, attrs = pack(*args, **kwargs)
+        return options, {k: dtype if v == 'fp32' else v for k, v in signature.items()}, constexprs, attrs
+    fn.device_caches.clear()
+    fn._pack_args = packed
+    try:
+        yield
+    finally:
+        fn._pack_args = pack
+        fn.device_caches.clear()
+
+
+def compile_candidate(kernel, args, constants, config, float_type='fp32'):
+    with float_arguments_as(kernel.fn, float_type):
+        compiled = kernel.fn.warmup(*args, **constants, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages, grid=(1,))
     registers, stack, hgmma, hmma = resource_usage(compiled.asm['cubin'])
     return dict(shared=compiled.metadata.shared, registers=registers, stack=stack, hgmma=hgmma, hmma=hmma)
 
 
-def report(arch=90, names=None, first_only=False):
+def report(arch=90, names=None, first_only=False, float_type='fp32'):
     """Every candidate (or only the first, which runs when autotuning is off) of the kernels ``names`` (all by
-    default), compiled for sm_``arch``: a list of dicts, one a candidate and way of launching the kernel."""
+    default), compiled for sm_``arch``, float arguments as ``float_type`` ('fp64': as torch.compile launches them):
+    a list of dicts, one a candidate and way of launching the kernel."""
     if os.environ.get('TRITON_INTERPRET') == '1':
         raise RuntimeError('kernel_resources.py compiles the kernels: unset TRITON_INTERPRET')
     import kernels
@@ -131,7 +156,7 @@ def report(arch=90, names=None, first_only=False):
                            stages=config.num_stages,
                            **{k: v for k, v in constants.items() if k not in ('C', 'PRECISION')})
                 try:
-                    row.update(compile_candidate(getattr(kernels, name), args, constants, config))
+                    row.update(compile_candidate(getattr(kernels, name), args, constants, config, float_type))
                     row['fits'] = row['shared'] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]) and row['stack'] == 0
                 except Exception as error:  # a candidate the compiler refuses for this target
                     row.update(error=str(error)[:200], fits=False)
@@ -144,9 +169,12 @@ def main(argv=None):
     parser.add_argument('--arch', type=int, default=90, help='compute capability, e.g. 90 (H100, H200), 80 (A100)')
     parser.add_argument('--kernels', default='', help='comma-separated kernel names (default: all)')
     parser.add_argument('--first', action='store_true', help='only the first candidate of each kernel')
+    parser.add_argument('--compiled', action='store_true',
+                        help='float arguments (eps) as torch.compile passes them, fp64, not fp32 as Triton does')
     parser.add_argument('--out', default='', help='also write the rows as JSON here')
     args = parser.parse_args(argv)
-    rows = report(args.arch, [n for n in args.kernels.split(',') if n], args.first)
+    rows = report(args.arch, [n for n in args.kernels.split(',') if n], args.first,
+                  'fp64' if args.compiled else 'fp32')
     for row in rows:
         meta = ' '.join(f'{k}={v}' for k, v in row.items()
                         if k not in ('kernel', 'candidate', 'shared', 'registers', 'stack', 'hgmma', 'hmma', 'fits',

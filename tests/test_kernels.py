@@ -532,6 +532,26 @@ def test_the_persistent_kernels_fit_a_hopper_multiprocessor():
         assert (row['hgmma'] > 0) == has_product, row
 
 
+@pytest.mark.skipif(kernels.triton is None or kernels.INTERPRET or torch.cuda.is_available(),
+                    reason="compiles for an H100 without one: needs Triton, and neither the interpreter nor a GPU here")
+def test_the_kernels_cost_the_same_when_torch_compile_launches_them():
+    """torch.compile types a Python float argument fp64 where Triton's launcher types it fp32: LayerNorm's eps reached
+    the kernels as a double under ``--compile``, and made the statistics and the normalised tile double precision
+    (``_hidden_layer_fwd`` spilled 56-200 B; ``_top_layer_bwd_p`` did not compile). The kernels that take eps,
+    compiled for sm_90 with it as fp64, need the registers, local memory and shared memory they need with fp32."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
+    import kernel_resources
+    names = ['_input_layer_fwd', '_hidden_layer_fwd', '_hidden_layer_fwd_p', '_first_hidden_layer_fwd_p',
+             '_top_layer_bwd_p']
+    eager, compiled = (kernel_resources.report(90, names, first_only=True, float_type=float_type)
+                       for float_type in ('fp32', 'fp64'))
+    assert len(eager) == len(compiled) > len(names)
+    for launched, by_compile in zip(eager, compiled):
+        assert 'error' not in by_compile, by_compile
+        assert by_compile['stack'] == launched['stack'] == 0, (launched, by_compile)
+        assert by_compile['shared'] == launched['shared'], (launched, by_compile)
+
+
 def test_kernels_mode_of_each_choice():
     """--kernels -> the model's switch: render falls back to PyTorch where the kernels cannot run, triton is
     refused there."""
