@@ -538,7 +538,8 @@ def test_the_kernels_cost_the_same_when_torch_compile_launches_them():
     """torch.compile types a Python float argument fp64 where Triton's launcher types it fp32: LayerNorm's eps reached
     the kernels as a double under ``--compile``, and made the statistics and the normalised tile double precision
     (``_hidden_layer_fwd`` spilled 56-200 B; ``_top_layer_bwd_p`` did not compile). The kernels that take eps,
-    compiled for sm_90 with it as fp64, need the registers, local memory and shared memory they need with fp32."""
+    compiled for sm_90 with it as fp64, compile, spill no registers to local memory (as with fp32) and need the
+    shared memory they need with fp32."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
     import kernel_resources
     names = ['_input_layer_fwd', '_hidden_layer_fwd', '_hidden_layer_fwd_p', '_first_hidden_layer_fwd_p',
