@@ -37,13 +37,6 @@ requires_kernels = pytest.mark.skipif(
     not kernels.available(), reason="the fused kernels need Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
 
 
-@pytest.fixture(params=kernels.IMPLS)
-def impl(request, monkeypatch):
-    """Each set of kernels for phi's hidden layers in turn: per tile of rows, and persistent (kernels.IMPL)."""
-    monkeypatch.setattr(kernels, 'IMPL', request.param)
-    return request.param
-
-
 def relative_error(value, reference):
     return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
@@ -83,7 +76,7 @@ def make_phi(channels=kernels.MIN_CHANNELS, outermost_linear=False, batch_size=3
 
 @requires_kernels
 @pytest.mark.parametrize('outermost_linear', [False, True])
-def test_float32_kernels_equal_the_pytorch_path(outermost_linear, impl):
+def test_float32_kernels_equal_the_pytorch_path(outermost_linear):
     hyper, z, x, grad_v = make_phi(outermost_linear=outermost_linear, num_points=300 if DEVICE == 'cuda' else 70)
     util.set_tf32(False)
     exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
@@ -94,7 +87,7 @@ def test_float32_kernels_equal_the_pytorch_path(outermost_linear, impl):
 
 
 @requires_kernels
-def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch(impl):
+def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch():
     hyper, z, x, grad_v = make_phi(num_points=2000 if DEVICE == 'cuda' else 70)
     util.set_tf32(False)
     exact = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False)
@@ -113,9 +106,9 @@ def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch(impl):
 
 
 @requires_kernels
-def test_odd_sizes_and_a_single_point(impl):
-    """Rows that do not fill a tile (masking), one observation, one point; and several runs of rows for each
-    program of the persistent kernels (1100 rows: runs of 512, 512 and 76 with their first candidates)."""
+def test_odd_sizes_and_a_single_point():
+    """Rows that do not fill a tile (masking), one observation, one point; and 1100 rows (the weight gradients in
+    two runs of kernels.WEIGHT_ROWS rows, the last one short)."""
     for batch_size, num_points in ((1, 1), (2, 65), (1, 129), (2, 1100)):
         hyper, z, x, grad_v = make_phi(batch_size=batch_size, num_points=num_points)
         util.set_tf32(False)
@@ -126,10 +119,9 @@ def test_odd_sizes_and_a_single_point(impl):
 
 
 @requires_kernels
-def test_layer_norms_epsilon_reaches_the_forward_and_the_backward(impl):
+def test_layer_norms_epsilon_reaches_the_forward_and_the_backward():
     """phi with an epsilon other than LayerNorm's default (1e-5): outputs and every gradient equal a float32 PyTorch
-    phi with the same epsilon, so the backward (which on the persistent kernels forms the last layer's xhat again)
-    uses the forward's."""
+    phi with the same epsilon."""
     hyper, z, x, grad_v = make_phi(num_points=300 if DEVICE == 'cuda' else 70)
     util.set_tf32(False)
     layers = [(w.detach().requires_grad_(), b.detach().requires_grad_(), norm) for w, b, norm in hyper(z).layers]
@@ -152,7 +144,7 @@ def test_layer_norms_epsilon_reaches_the_forward_and_the_backward(impl):
 
 @requires_kernels
 @pytest.mark.parametrize('outermost_linear', [False, True])
-def test_without_gradients_phi_is_the_same(outermost_linear, impl):
+def test_without_gradients_phi_is_the_same(outermost_linear):
     """Under no_grad the kernels store phi's output alone (no xhat or 1/std for a backward): same values."""
     hyper, z, x, _ = make_phi(outermost_linear=outermost_linear, num_points=300 if DEVICE == 'cuda' else 70)
     with torch.autocast(DEVICE, dtype=HALF):
@@ -190,7 +182,7 @@ def test_phi_with_its_weight_gradients_split_over_rows(monkeypatch):
 
 @requires_kernels
 @pytest.mark.parametrize('compiled', [False, True])
-def test_srn_training_step_on_the_kernels(compiled, impl):
+def test_srn_training_step_on_the_kernels(compiled):
     """The whole model, forward and backward, with phi on the kernels (under torch.compile too, on a GPU; in the
     interpreter eagerly, with fewer rays and marching steps): rgb, depth and the loss, and the gradients of each of
     the model's parts (latent codes, hypernetwork, ray marcher, pixel generator) as one vector, at most 1.5 times as
@@ -365,185 +357,16 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             assert relative_error(value, reference) < 1e-5, (config, i)
 
 
-PERSISTENT = ['_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_hidden_layer_bwd_p', '_top_layer_bwd_p',
-              '_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p', '_input_layer_bwd_p']
-
-
-@requires_kernels
-@pytest.mark.parametrize('name', PERSISTENT)
-def test_every_candidate_of_the_persistent_kernels_computes_its_function(name):
-    """Each persistent kernel with each candidate against its definition in PyTorch, on 1100 rows of 2 observations:
-    every candidate's ROWS gives several runs of rows an observation, the last one short. Under the interpreter in
-    float32 (IEEE products), within 1e-5. On a GPU in bfloat16, since a float32 W does not fit in shared memory
-    there: the definition takes the same bfloat16 inputs in float32, and the bound, 4e-3, is the rounding of the
-    stored bfloat16 outputs (~1e-3 relative) with room; a dropped block of the product or a wrong row is far above."""
-    torch.manual_seed(0)
-    util.set_tf32(False)
-    B, N, C, eps = 2, 1100, kernels.MIN_CHANNELS, 1e-5
-    dtype = torch.bfloat16 if DEVICE == 'cuda' else torch.float32
-    tolerance = 4e-3 if dtype == torch.bfloat16 else 1e-5
-    precision = 'tf32' if dtype == torch.bfloat16 else 'ieee'
-    configs = candidates(name, C)
-    assert configs
-
-    def rand(*shape, scale=1., dtype=dtype):
-        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
-    act, grad, w, b = rand(B, N, C), rand(B, N, C), rand(B, C, C, scale=1 / 16), rand(B, C)
-    rstd = torch.rand(B, N, device=DEVICE) + 0.5
-    rows_key, batch_key = kernels._rows_key(N), kernels._batch_key(B)
-
-    def layer_norm(pre):
-        return F.layer_norm(pre, (C,), eps=eps), 1 / torch.sqrt(pre.var(-1, unbiased=False) + eps)
-    act32, grad32, w32, b32 = act.float(), grad.float(), w.float(), b.float()
-    # The input layer (float32 whatever the activations' dtype), its output formed from the points
-    x, w0 = rand(B, N, 3, dtype=torch.float32), rand(B, C, 3, dtype=torch.float32)
-    b0 = rand(B, C, dtype=torch.float32)
-    w0t = w0.transpose(1, 2).contiguous()  # the kernels take W0 transposed, (B, 3, C)
-    pre0 = x @ w0.transpose(1, 2) + b0[:, None]
-    xhat0, rstd0 = layer_norm(pre0)
-    stats = torch.stack([pre0.mean(-1), rstd0], -1)  # its row statistics (B, N, 2)
-    for config in configs:
-        runs = cdiv(N, config.kwargs.get('ROWS', N))
-        grid = (runs, B)
-        if name == '_hidden_layer_fwd_p':
-            out, rstd_out, relu = torch.empty_like(act), torch.empty(B, N, device=DEVICE), torch.empty_like(act)
-            launch(name, grid, act, w, b, out, rstd_out, relu, N, rows_key, batch_key, eps, C=C, NORMALIZE=True,
-                   WRITE_RELU=True, KEEP=True, PRECISION=precision, config=config)
-            inference = torch.empty_like(act)
-            launch(name, grid, act, w, b, inference, inference, inference, N, rows_key, batch_key, eps, C=C,
-                   NORMALIZE=True, WRITE_RELU=True, KEEP=False, PRECISION=precision, config=config)
-            xhat, rstd_expected = layer_norm(act32.clamp_min(0) @ w32.transpose(1, 2) + b32[:, None])
-            expected = xhat, rstd_expected, xhat.clamp_min(0), xhat.clamp_min(0)
-            results = out, rstd_out, relu, inference
-        elif name == '_first_hidden_layer_fwd_p':
-            out, rstd_out = torch.empty_like(act), torch.empty(B, N, device=DEVICE)
-            stats_out = torch.empty(B, N, 2, device=DEVICE)
-            launch(name, grid, x, w0t, b0, stats_out, w, b, out, rstd_out, out, N, rows_key, batch_key, eps, C=C,
-                   NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION=precision, config=config)
-            h0 = xhat0.clamp_min(0).to(dtype).float()  # the product's operand, rounded as the forward rounds it
-            xhat, rstd_expected = layer_norm(h0 @ w32.transpose(1, 2) + b32[:, None])
-            expected, results = (xhat, rstd_expected, stats), (out, rstd_out, stats_out)
-        elif name == '_hidden_layer_bwd_p':
-            results, expected = [], []
-            for above, ln_backward in ((True, True), (False, True), (True, False)):
-                dpre = torch.empty_like(act)
-                db_part = torch.full((B, runs + 2, C), float('nan'), device=DEVICE)  # rows past the runs: zeroed
-                launch(name, grid, grad, w, act, rstd, dpre, db_part, N, runs + 2, rows_key, batch_key, C=C,
-                       ABOVE=above, LN_BACKWARD=ln_backward, PRECISION=precision, config=config)
-                from_above = grad32 @ w32 if above else grad32
-                if ln_backward:
-                    reference = layer_norm_relu_backward(from_above, act32, rstd)
-                    results += [dpre, db_part.sum(1)]
-                    expected += [reference, reference.sum(1)]
-                else:
-                    results.append(dpre)
-                    expected.append(from_above)
-        elif name == '_top_layer_bwd_p':  # xhat formed again from the layer's input (act), then LayerNorm's backward
-            dpre = torch.empty_like(act)
-            db_part = torch.full((B, runs + 1, C), float('nan'), device=DEVICE)  # a row past the runs: zeroed
-            launch(name, grid, grad, act, w, b, dpre, db_part, N, runs + 1, rows_key, batch_key, eps, C=C,
-                   PRECISION=precision, config=config)
-            xhat, rstd_top = layer_norm(act32.clamp_min(0) @ w32.transpose(1, 2) + b32[:, None])
-            reference = layer_norm_relu_backward(grad32, xhat, rstd_top)
-            expected, results = (reference, reference.sum(1)), (dpre, db_part.sum(1))
-        elif name in ('_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p'):
-            split = 512
-            splits = cdiv(N, split)
-            dw = torch.full((B * splits, C, C), float('nan'), device=DEVICE)
-            if name == '_hidden_layer_bwd_weights_p':
-                pointers, layer_input = (act, dw), act32.clamp_min(0)
-            else:  # the input layer's output formed from the points, rounded as the forward rounds it
-                pointers, layer_input = (x, dw, stats, w0t, b0), xhat0.clamp_min(0).to(dtype).float()
-            launch(name, (C // config.kwargs['BLOCK_N'], splits, B), grad, *pointers, N, rows_key, batch_key, split,
-                   C=C, PRECISION=precision, config=config)
-            expected, results = [grad32.transpose(1, 2) @ layer_input], [dw.view(B, splits, C, C).sum(1)]
-        else:  # _input_layer_bwd_p, from the gradient of the input layer's output (grad) and its row statistics
-            dx = torch.full_like(x, float('nan'))
-            parts = torch.full((B, runs + 1, 4, C), float('nan'), device=DEVICE)  # a row past the runs: zeroed
-            launch(name, grid, grad, stats, x, w0t, b0, dx, parts, N, runs + 1, rows_key, batch_key, C=C,
-                   config=config)
-            dpre = layer_norm_relu_backward(grad32, xhat0, rstd0)
-            expected = dpre @ w0, x.transpose(1, 2) @ dpre, dpre.sum(1)
-            results = dx, parts.sum(1)[:, :3], parts.sum(1)[:, 3]
-            # float32 throughout, whatever the activations' dtype: only the rounding of grad, already in the inputs
-            for i, (value, reference) in enumerate(zip(results, expected)):
-                assert relative_error(value, reference) < 1e-5, (config, i)
-            continue
-        for i, (value, reference) in enumerate(zip(results, expected)):
-            assert relative_error(value, reference) < tolerance, (config, i)
-
-
-@requires_kernels
-@pytest.mark.parametrize('splits', [1, 2, 3])
-def test_persistent_weight_gradients_summed_over_runs_of_rows(splits):
-    """dW = dpre^T relu(x) over 1, 2 or 3 runs of rows an observation (300 rows: runs of 128, 128 and 44 for 3),
-    their shares summed, equals the product over all rows."""
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if DEVICE == 'cuda' else torch.float32
-    dpre, x = torch.randn(2, 2, 300, kernels.MIN_CHANNELS, device=DEVICE).to(dtype).unbind(0)
-    util.set_tf32(False)
-    dw = kernels._weight_gradients_p(dpre, x, dtype, kernels._rows_key(300), kernels._batch_key(2), splits)
-    assert dw.dtype == dtype and dw.shape == (2, kernels.MIN_CHANNELS, kernels.MIN_CHANNELS)
-    expected = dpre.float().transpose(1, 2) @ x.float().clamp_min(0)
-    assert relative_error(dw, expected) < (4e-3 if dtype == torch.bfloat16 else 1e-5)
-
-
-def test_weight_splits_fill_the_gpu_with_runs_of_at_least_512_rows():
-    cpu = torch.device('cpu')  # counted as 132 multiprocessors, an H100's or H200's
-    assert kernels._weight_splits(64, 4096, cpu) == 1  # 64 x 2 blocks of dW rows: about one program a multiprocessor
-    assert kernels._weight_splits(16, 16384, cpu) == 4
-    assert kernels._weight_splits(16, 1000, cpu) == 2  # no run shorter than 512 rows
-    assert kernels._weight_splits(128, 512, cpu) == 1
-
-
-def test_an_unknown_kernel_set_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels, 'IMPL', 'fastest')
-    with pytest.raises(ValueError, match=r"SRN_KERNELS_IMPL='fastest': expected one of tiles, persistent"):
-        kernels._persistent(torch.zeros(1, 256, 256, dtype=torch.bfloat16))
-
-
-@pytest.mark.skipif(kernels.INTERPRET, reason="the interpreter has no shared memory to fit, so it runs both sets always")
-def test_the_persistent_kernels_serve_only_weights_that_fit_in_shared_memory(monkeypatch):
-    """256 x 256 in 16 bits (128 KB) fits next to a tile; in float32, or 512 wide, the per-tile kernels stay."""
-    monkeypatch.setattr(kernels, 'IMPL', 'persistent')
-    assert kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.bfloat16))
-    assert kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.float16))
-    assert not kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.float32))
-    assert not kernels._persistent(torch.zeros(2, 512, 512, dtype=torch.bfloat16))
-    monkeypatch.setattr(kernels, 'IMPL', 'tiles')
-    assert not kernels._persistent(torch.zeros(2, 256, 256, dtype=torch.bfloat16))
-
-
-@pytest.mark.skipif(kernels.triton is None or kernels.INTERPRET or torch.cuda.is_available(),
-                    reason="compiles for an H100 without one: needs Triton, and neither the interpreter nor a GPU here")
-def test_the_persistent_kernels_fit_a_hopper_multiprocessor():
-    """The first candidate of each persistent kernel (what runs when autotuning is off), compiled for sm_90 on this
-    machine, in every way kernels.phi launches it: within an H100's shared memory per block, no registers spilled to
-    local memory, and the products on Hopper's warpgroup matrix instructions (HGMMA)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
-    import kernel_resources
-    rows = kernel_resources.report(90, PERSISTENT, first_only=True)
-    assert {row['kernel'] for row in rows} == set(PERSISTENT)
-    for row in rows:
-        assert row['fits'], row
-        has_product = row['kernel'] in ('_first_hidden_layer_fwd_p', '_hidden_layer_fwd_p', '_top_layer_bwd_p',
-                                        '_hidden_layer_bwd_weights_p', '_first_hidden_layer_bwd_weights_p') or (
-            row['kernel'] == '_hidden_layer_bwd_p' and row['ABOVE'])
-        assert (row['hgmma'] > 0) == has_product, row
-
-
 @pytest.mark.skipif(kernels.triton is None or kernels.INTERPRET or torch.cuda.is_available(),
                     reason="compiles for an H100 without one: needs Triton, and neither the interpreter nor a GPU here")
 def test_the_kernels_cost_the_same_when_torch_compile_launches_them():
     """torch.compile types a Python float argument fp64 where Triton's launcher types it fp32: LayerNorm's eps reached
     the kernels as a double under ``--compile``, and made the statistics and the normalised tile double precision
-    (``_hidden_layer_fwd`` spilled 56-200 B; ``_top_layer_bwd_p`` did not compile). The kernels that take eps,
-    compiled for sm_90 with it as fp64, compile, spill no registers to local memory (as with fp32) and need the
-    shared memory they need with fp32."""
+    (``_hidden_layer_fwd`` spilled 56-200 B). The kernels that take eps, compiled for sm_90 with it as fp64, compile,
+    spill no registers to local memory (as with fp32) and need the shared memory they need with fp32."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
     import kernel_resources
-    names = ['_input_layer_fwd', '_hidden_layer_fwd', '_hidden_layer_fwd_p', '_first_hidden_layer_fwd_p',
-             '_top_layer_bwd_p']
+    names = ['_input_layer_fwd', '_hidden_layer_fwd']
     eager, compiled = (kernel_resources.report(90, names, first_only=True, float_type=float_type)
                        for float_type in ('fp32', 'fp64'))
     assert len(eager) == len(compiled) > len(names)
