@@ -23,8 +23,6 @@ Variants:
   fused_nographs   fused without CUDA graphs
   fused_budget05   fused_nographs with the compiler's activation recomputation (memory budget 0.5)
   fused_eager fused without torch.compile (bf16 autocast, TF32, fused Adam)
-  fast_p, fused_p  fast and fused on the persistent kernels (SRN_KERNELS_IMPL=persistent: a program a run of rows
-              with each layer's W loaded once) instead of the per-tile ones
   fast_cdt, fast_autotune, fast_autotune_cdt   fast with the compiler's coordinate-descent tuning of its own
               kernels, with its autotuning of matrix products (templates that fuse neighbouring elementwise work)
               or with both
@@ -67,9 +65,6 @@ VARIANTS = {
 }
 # --fast --kernels torch: phi on PyTorch layers in rendering too (what --fast was before --kernels render)
 VARIANTS['fast_torch'] = dict(VARIANTS['fast'], fused=False)
-# The persistent kernels (SRN_KERNELS_IMPL=persistent): --fast rendering on them, and training on them too
-VARIANTS['fast_p'] = dict(VARIANTS['fast'], impl='persistent')
-VARIANTS['fused_p'] = dict(VARIANTS['fused'], impl='persistent')
 # --fast with truncated backpropagation through the march (train.py --tracing_grad_steps K)
 VARIANTS.update({f'fast_grad{k}': dict(VARIANTS['fast'], tracing_grad_steps=k) for k in (3, 1)})
 # --fast with more of the compiler's own tuning (torch._inductor.config settings, for this variant only) or more
@@ -123,14 +118,8 @@ def time_cuda(fn, warmup, repeats):
 
 def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
     import torch._inductor.config as inductor_config
-    import kernels
-    impl = kernels.IMPL
-    kernels.IMPL = options.get('impl', impl)  # which set of fused kernels (SRN_KERNELS_IMPL), for this variant only
-    try:
-        with inductor_config.patch(options.get('inductor', {})):
-            return _bench_variant(name, options, sidelength, batch_size, args, rays_per_view)
-    finally:
-        kernels.IMPL = impl
+    with inductor_config.patch(options.get('inductor', {})):
+        return _bench_variant(name, options, sidelength, batch_size, args, rays_per_view)
 
 
 def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
@@ -211,7 +200,7 @@ def profile_steps(step, num_steps, what='training steps', row_limit=25):
 
 def compare_paths(sidelength, batch_size):
     """Relative L2 error of the fast path's outputs and gradients against the exact float32 path, with phi on
-    PyTorch layers (``fast``) and on the fused kernels, per tile (``fused``) and persistent (``fused_p``)."""
+    PyTorch layers (``fast``) and on the fused kernels (``fused``)."""
     torch._dynamo.reset()
     util.set_tf32(False)
     torch.manual_seed(0)
@@ -231,16 +220,12 @@ def compare_paths(sidelength, batch_size):
     util.set_tf32(True)
     names = ('rgb', 'depth', 'gradients')
     errors = {}
-    import kernels
-    impl = kernels.IMPL
-    for variant, fused, kernels.IMPL in (('fast', False, impl), ('fused', True, 'tiles'),
-                                         ('fused_p', True, 'persistent')):
+    for variant, fused in (('fast', False), ('fused', True)):
         torch._dynamo.reset()
         model.use_fused_kernels(fused)
         result = run(util.compile_model(model, 0.5), True)
         errors[variant] = {name: ((f - e).norm() / e.norm()).item() for name, e, f in zip(names, exact, result)}
     model.use_fused_kernels(False)
-    kernels.IMPL = impl
     return errors
 
 

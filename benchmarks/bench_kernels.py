@@ -41,7 +41,6 @@ def main(argv=None):
     rstd = torch.rand(B, N, device=dev) + 0.5
     stats = torch.stack([torch.randn(B, N, device=dev), rstd], -1)  # the input layer's (mean, 1/std) a row
     out, out2 = torch.empty_like(act), torch.empty_like(act)
-    dw, db = torch.empty_like(w), torch.empty_like(b)
     dx3 = torch.empty_like(x)
     act_bytes = B * N * C * 2
     flops = 2 * B * N * C * C
@@ -80,47 +79,6 @@ def main(argv=None):
         ('_hidden_layer_bwd (phi\'s output gradient)', kernels._hidden_layer_bwd, rows_grid,
          lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=False, PRECISION='tf32'), 3 * act_bytes, 0),
     ]
-    # The persistent kernels (kernels.IMPL = 'persistent'): a program a run of meta['ROWS'] rows, W loaded once.
-    runs_grid = lambda meta: (triton_cdiv(N, meta['ROWS']), B)  # noqa: E731
-    max_runs = triton_cdiv(N, 256)
-    db_parts = torch.empty(B, max_runs, C, device=dev)
-    parts4 = torch.empty(B, max_runs, 4, C, device=dev)  # the input layer's shares of dW0^T and db0
-    keys = (kernels._rows_key(N), kernels._batch_key(B))  # the autotuner's ROWS_KEY and BATCH_KEY
-    cases += [
-        ('_hidden_layer_fwd_p', kernels._hidden_layer_fwd_p, runs_grid,
-         lambda kw: (act, w, b, out, rstd, out2, N, *keys, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_hidden_layer_fwd_p (no gradients: phi\'s output alone)', kernels._hidden_layer_fwd_p, runs_grid,
-         lambda kw: (act, w, b, out, out, out, N, *keys, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=True, KEEP=False, PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_hidden_layer_bwd_p (from the layer above)', kernels._hidden_layer_bwd_p, runs_grid,
-         lambda kw: (act, w, act2, rstd, out, db_parts, N, max_runs, *keys),
-         dict(C=C, ABOVE=True, LN_BACKWARD=True, PRECISION='tf32'), 3 * act_bytes, flops),
-        ('_hidden_layer_bwd_p (phi\'s output gradient)', kernels._hidden_layer_bwd_p, runs_grid,
-         lambda kw: (act, w, act2, rstd, out, db_parts, N, max_runs, *keys),
-         dict(C=C, ABOVE=False, LN_BACKWARD=True, PRECISION='tf32'), 3 * act_bytes, 0),
-        ('_top_layer_bwd_p (phi\'s output gradient, xhat formed again)', kernels._top_layer_bwd_p, runs_grid,
-         lambda kw: (act, act2, w, b, out, db_parts, N, max_runs, *keys, 1e-5), dict(C=C, PRECISION='tf32'),
-         3 * act_bytes, flops),
-        ('_hidden_layer_bwd_p (the input layer\'s output gradient)', kernels._hidden_layer_bwd_p, runs_grid,
-         lambda kw: (act, w, act2, rstd, out, db_parts, N, max_runs, *keys),
-         dict(C=C, ABOVE=True, LN_BACKWARD=False, PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_first_hidden_layer_fwd_p (the input layer formed from the points)', kernels._first_hidden_layer_fwd_p,
-         runs_grid, lambda kw: (x, w0, b0, stats, w, b, out, rstd, out2, N, *keys, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), act_bytes, flops),
-        ('_hidden_layer_bwd_weights_p (one run an observation)', kernels._hidden_layer_bwd_weights_p,
-         lambda meta: (C // meta['BLOCK_N'], 1, B), lambda kw: (act, act2, dw, N, *keys, N),
-         dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_first_hidden_layer_bwd_weights_p (one run an observation)', kernels._first_hidden_layer_bwd_weights_p,
-         lambda meta: (C // meta['BLOCK_N'], 1, B), lambda kw: (act, x, dw, stats, w0, b0, N, *keys, N),
-         dict(C=C, PRECISION='tf32'), act_bytes, flops),
-        ('_input_layer_bwd_p', kernels._input_layer_bwd_p, runs_grid,
-         lambda kw: (act, stats, x, w0, b0, dx3, parts4, N, max_runs, *keys), dict(C=C), act_bytes, 0),
-    ]
-    for splits in (1, 2, 4):
-        report(f'kernels._weight_gradients_p ({splits} runs an observation, autotuned, shares summed)',
-               do_bench(lambda splits=splits: kernels._weight_gradients_p(act, act2, bf16, *keys, splits)),
-               2 * act_bytes, flops)
     # The weight gradients over runs of split_rows rows (one program per observation, tile and run), their
     # float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
     for split_rows in (512, 1024, 2048, N):
@@ -183,12 +141,9 @@ def phi_evaluations(B, N, C, report):
     def pytorch(x_):
         return hyperlayers.HypoNetwork(layers)(x_)
     compiled = torch.compile(pytorch)
-    impl = kernels.IMPL
-    variants = [('pytorch eager', pytorch, impl), ('pytorch compiled', compiled, impl),
-                ('kernels per tile', lambda x_: kernels.phi(x_, layers), 'tiles'),
-                ('kernels persistent', lambda x_: kernels.phi(x_, layers), 'persistent')]
-    for name, fn, kernel_set in variants:
-        kernels.IMPL = kernel_set
+    variants = [('pytorch eager', pytorch), ('pytorch compiled', compiled),
+                ('kernels', lambda x_: kernels.phi(x_, layers))]
+    for name, fn in variants:
         def forward():
             with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
                 return fn(x)
@@ -209,7 +164,6 @@ def phi_evaluations(B, N, C, report):
                    None, 3 * flops)
         except Exception as error:
             print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
-    kernels.IMPL = impl
 
 
 def triton_cdiv(a, b):

@@ -6,7 +6,7 @@ through Triton's own compiler, and reports per candidate the registers a thread,
 products; HMMA: the older warp-level ones). A candidate over the multiprocessor's shared memory cannot launch, and
 one that spills moves its registers through local memory: both are worth knowing before a GPU is at hand.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd_p,...] [--first] [--compiled]
+    python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd,...] [--first] [--compiled]
                                           [--out F.json]
 
 With --compiled, float arguments (LayerNorm's eps) are compiled as fp64, as torch.compile launches the kernels (it
@@ -38,31 +38,19 @@ N, B, C, EPS = 4096, 64, 256, 1e-5
 def launches():
     """(kernel name, positional argument dtypes or values, constants) for every way kernels.phi launches each
     kernel in bfloat16 on phi's layout (every layer normalised)."""
-    rows, batch = N, 64
+    rows = N
     fwd_args = (BF16, BF16, BF16, BF16, F32, BF16, N, rows)
     out = [('_input_layer_fwd', (F32, F32, F32, F32, BF16, N, rows, EPS), dict(C=C, KEEP=keep))
            for keep in (True, False)]
     for last, keep in ((False, True), (True, True), (False, False), (True, False)):
         flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION='tf32')
         out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
-        out.append(('_hidden_layer_fwd_p', (*fwd_args, batch, EPS), flags))
-        out.append(('_first_hidden_layer_fwd_p', (F32, F32, F32, F32, BF16, BF16, BF16, F32, BF16, N, rows, batch, EPS),
-                    flags))
     for above in (True, False):
         out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
                     dict(C=C, ABOVE=above, PRECISION='tf32')))
-    for above, ln_backward in ((True, True), (False, True), (True, False)):
-        out.append(('_hidden_layer_bwd_p', (BF16, BF16, BF16, F32, BF16, F32, N, 16, rows, batch),
-                    dict(C=C, ABOVE=above, LN_BACKWARD=ln_backward, PRECISION='tf32')))
-    out.append(('_top_layer_bwd_p', (BF16, BF16, BF16, BF16, BF16, F32, N, 16, rows, batch, EPS),
-                dict(C=C, PRECISION='tf32')))
     out.append(('_hidden_layer_bwd_weights', (BF16, BF16, F32, F32, N, rows, 1024), dict(C=C, PRECISION='tf32')))
-    out.append(('_hidden_layer_bwd_weights_p', (BF16, BF16, BF16, N, rows, batch, N), dict(C=C, PRECISION='tf32')))
-    out.append(('_first_hidden_layer_bwd_weights_p', (BF16, F32, BF16, F32, F32, F32, N, rows, batch, N),
-                dict(C=C, PRECISION='tf32')))
     out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION='tf32')))
-    out.append(('_input_layer_bwd_p', (BF16, F32, F32, F32, F32, F32, F32, N, 16, rows, batch), dict(C=C)))
     return out
 
 

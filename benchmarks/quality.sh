@@ -5,9 +5,8 @@
 #   [FIRST_SEED=0] [PATHS="exact fast"] bash benchmarks/quality.sh OUT_DIR STEPS [BATCH=16] [OBJECTS=200] [SEEDS=1]
 # Runs seeds FIRST_SEED .. FIRST_SEED+SEEDS-1 side by side, spread over the GPUs (this script measures quality,
 # not speed), then summarises every run found in OUT_DIR, so seeds run in separate calls add up.
-# PATHS: which of exact (fp32), fast (--fast), fused (--fast --kernels triton) and fused_p (the same on the
-# persistent kernels, SRN_KERNELS_IMPL=persistent) to train; the summary compares the first with each other one
-# found in OUT_DIR.
+# PATHS: which of exact (fp32), fast (--fast) and fused (--fast --kernels triton) to train; the summary compares
+# the first with each other one found in OUT_DIR.
 set -euo pipefail
 out=${1:?output folder}; steps=${2:-2000}; batch=${3:-16}; objects=${4:-200}; seeds=${5:-1}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,14 +19,12 @@ common=(--data_root "$data/train" --val_root "$data/val" --img_sidelengths 64
         --steps_til_val 500 --steps_til_ckpt 100000 --steps_til_image 100000 --num_workers 4)
 
 one_run() {  # one_run PATH SEED
-    local path=$1 seed=$2 flag=() impl=tiles start run
+    local path=$1 seed=$2 flag=() start run
     [ "$path" = fast ] && flag=(--fast)
     [ "$path" = fused ] && flag=(--fast --kernels triton)
-    [ "$path" = fused_p ] && flag=(--fast --kernels triton) && impl=persistent
     run=$out/${path}_seed$seed
     start=$(date +%s)
-    SRN_KERNELS_IMPL=$impl python "$here/train.py" "${common[@]}" "${flag[@]}" --seed "$seed" --logging_root "$run" \
-        >"$run.log" 2>&1
+    python "$here/train.py" "${common[@]}" "${flag[@]}" --seed "$seed" --logging_root "$run" >"$run.log" 2>&1
     local trained=$(( $(date +%s) - start ))
     python "$here/test.py" --data_root "$data/test" --checkpoint_path "$run/checkpoints" --img_sidelength 64 \
         --max_num_instances 50 --save_out_first_n 0 --logging_root "${run}_test" --no_progress >"${run}_test.log" 2>&1
@@ -48,7 +45,7 @@ python - "$out" ${PATHS:-exact fast} <<'EOF'
 import pathlib, re, statistics, sys
 out = pathlib.Path(sys.argv[1])
 means = {}
-for path in ('exact', 'fast', 'fused', 'fused_p'):
+for path in ('exact', 'fast', 'fused'):
     runs = sorted((int(re.search(r'seed(\d+)_test$', f.parent.name)[1]), float(f.read_text().split(',')[0]))
                   for f in out.glob(f'{path}_seed*_test/results.txt'))
     if not runs:
