@@ -19,12 +19,8 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
   (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
   ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
 
-Two sets of kernels compute this (``IMPL``, from ``SRN_KERNELS_IMPL``): ``tiles``, one program per tile of rows,
-which loads the layer's W (128 KB in bfloat16) again from L2 for every tile of 64 rows; and ``persistent``, one
-program per run of rows of one observation, which loads W into shared memory once and takes the run tile by tile
-(16-bit activations only: a float32 W does not fit in shared memory). The persistent set also forms the input layer
-inside the first hidden layer's pass instead of storing it, and keeps only phi's output of the last layer; their
-backward forms what was not stored again (benchmarks/NOTES.md, round 7).
+A persistent variant (a program a run of rows of one observation, W loaded into shared memory once) was
+tried and measured slower in training: benchmarks/NOTES.md, round 7.
 
 Tolerance: the kernels take bfloat16 activations and weights (float32 for the input layer) with float32
 accumulation, like PyTorch's bf16 path; they differ from it only in rounding (LayerNorm here sees the float32
@@ -97,12 +93,6 @@ if triton is not None:
         point = x_ptr + b * N * 3 + rows * 3
         return (tl.load(point, mask=row_ok, other=0.), tl.load(point + 1, mask=row_ok, other=0.),
                 tl.load(point + 2, mask=row_ok, other=0.))
-
-    @triton.jit
-    def _weights(w_ptr, b, C: tl.constexpr):
-        """Observation b's (C, C) weights from (B, C, C), one tile: what the persistent kernels hold on chip."""
-        cols = tl.arange(0, C)
-        return tl.load(w_ptr + b * C * C + cols[:, None] * C + cols[None, :])
 
     @triton.jit
     def _centred_and_rstd(pre, eps, C: tl.constexpr):
@@ -365,271 +355,6 @@ if triton is not None:
         tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, dw2)
         tl.store(db_part_ptr + part * C + cols, db)
 
-    # --- Persistent kernels: one program per run of ROWS rows of one observation, the layer's W held on chip ---
-    # The kernels above load a tile's rows and then all of W (128 KB in bfloat16) again from L2 for every tile: at 64
-    # rows a tile that is 4x the tile's own bytes, and with one program a multiprocessor nothing hides it (NOTES,
-    # rounds 4-5). Here a program loads W once, into shared memory, and runs over ROWS rows tile by tile, each tile's
-    # product a single (BLOCK_M, C) x (C, C) step of the matrix units. They compute what the per-tile kernels compute,
-    # so either set serves kernels.phi (``IMPL``).
-
-    @triton.jit
-    def _store_share(part_ptr, share, pid, b, PARTS, ROW: tl.constexpr, OFFSET: tl.constexpr, WIDTH: tl.constexpr):
-        """share (WIDTH,) into row pid of observation b's shares (B, PARTS, ROW) at OFFSET, float32, and zeros there in
-        the rows past the last program's: PARTS is the most runs any candidate makes, the one that ran may make fewer,
-        and whatever ran before it (an autotuning trial, say) may have left values there; so the caller can sum all
-        PARTS rows whatever ran."""
-        cols = OFFSET + tl.arange(0, WIDTH)
-        tl.store(part_ptr + (b * PARTS + pid) * ROW + cols, share)
-        if pid == 0:
-            for row in range(tl.num_programs(0), PARTS):
-                tl.store(part_ptr + (b * PARTS + row) * ROW + cols, tl.zeros([WIDTH], dtype=tl.float32))
-
-    @triton.autotune(configs=_configs('_hidden_layer_fwd_p',
-                                      ({'ROWS': 512, 'BLOCK_M': 64, 'PREFETCH': True}, 8, 1),
-                                      ({'ROWS': 1024, 'BLOCK_M': 64, 'PREFETCH': True}, 8, 1),
-                                      ({'ROWS': 512, 'BLOCK_M': 64, 'PREFETCH': False}, 8, 1),
-                                      ({'ROWS': 256, 'BLOCK_M': 64, 'PREFETCH': True}, 8, 1),
-                                      ({'ROWS': 512, 'BLOCK_M': 128, 'PREFETCH': False}, 8, 1)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
-    @triton.jit
-    def _hidden_layer_fwd_p(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, ROWS_KEY, BATCH_KEY, eps,
-                            C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr, KEEP: tl.constexpr,
-                            PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            PREFETCH: tl.constexpr):
-        """``_hidden_layer_fwd`` for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, W^T loaded once. With
-        PREFETCH each tile's rows are loaded while the tile before it is multiplied and normalised."""
-        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        cols = tl.arange(0, C)
-        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
-        end = tl.minimum(pid * ROWS + ROWS, N)
-        rows = pid * ROWS + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        x = tl.load(x_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
-        for _ in range(pid * ROWS, end, BLOCK_M):
-            if PREFETCH:
-                next_rows = rows + BLOCK_M
-                next_ok = next_rows < end
-                x_next = tl.load(x_ptr + b * N * C + next_rows[:, None] * C + cols[None, :], mask=next_ok[:, None],
-                                 other=0.)
-            acc = tl.dot(tl.where(x > 0, x, 0.).to(w_t.dtype), w_t, input_precision=PRECISION)  # previous ReLU
-            _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                                   WRITE_RELU, KEEP)
-            if PREFETCH:
-                x, rows, row_ok = x_next, next_rows, next_ok
-            else:
-                rows += BLOCK_M
-                row_ok = rows < end
-                x = tl.load(x_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
-
-    @triton.autotune(configs=_configs('_first_hidden_layer_fwd_p',
-                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 1),
-                                      ({'ROWS': 256, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 4, 1)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
-    @triton.jit
-    def _first_hidden_layer_fwd_p(x_ptr, w0_ptr, b0_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N,
-                                  ROWS_KEY, BATCH_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr,
-                                  WRITE_RELU: tl.constexpr, KEEP: tl.constexpr, PRECISION: tl.constexpr,
-                                  ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The input layer and the first hidden layer in one pass, for the rows [pid * ROWS, (pid + 1) * ROWS) of
-        observation b with the hidden layer's W held on chip: each tile's input-layer output relu(LayerNorm(x W0^T +
-        b0)) is formed in float32 from the points (B, N, 3) in registers, rounded to W's dtype as the product's operand,
-        and never stored; only its row statistics (mean, 1/std) are, with KEEP, for the backward to form it again.
-        Then the first hidden layer as ``_hidden_layer_fwd_p``. (Round 3 formed the input layer inside the K loop of
-        a per-tile product and starved its pipeline; here it is formed whole, before a single (BLOCK_M, C) x (C, C)
-        product, as the ReLU of the other layers is.)"""
-        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        cols = tl.arange(0, C)
-        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
-        end = tl.minimum(pid * ROWS + ROWS, N)
-        for first in range(pid * ROWS, end, BLOCK_M):
-            rows = first + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-            pre = _input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, cols, C)  # (BLOCK_M, C) float32
-            pre, mean, rstd = _centred_and_rstd(pre, eps, C)
-            if KEEP:
-                tl.store(stats_ptr + (b * N + rows) * 2, mean, mask=row_ok)
-                tl.store(stats_ptr + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
-            h = tl.maximum(pre * rstd[:, None], 0.).to(w_t.dtype)
-            acc = tl.dot(h, w_t, input_precision=PRECISION)
-            _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                                   WRITE_RELU, KEEP)
-
-    @triton.autotune(configs=_configs('_hidden_layer_bwd_p',
-                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 2), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 2),
-                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 256, 'BLOCK_M': 64}, 8, 2),
-                                      ({'ROWS': 512, 'BLOCK_M': 32}, 4, 2)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'ABOVE', 'LN_BACKWARD'])
-    @triton.jit
-    def _hidden_layer_bwd_p(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, dpre_ptr, db_part_ptr, N, PARTS,
-                            ROWS_KEY, BATCH_KEY, C: tl.constexpr, ABOVE: tl.constexpr, LN_BACKWARD: tl.constexpr,
-                            PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """``_hidden_layer_bwd`` for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, W_above loaded once;
-        it also sums dpre over these rows, this run's share of the layer's bias gradient, into row pid of db_part
-        (B, PARTS, C) float32 (PARTS >= cdiv(N, ROWS)), from dpre before it is rounded to the activations' dtype;
-        ``_store_share`` zeroes the rows past the last run. Without LN_BACKWARD it stores the gradient from above
-        itself (the input layer's output gradient, for ``_input_layer_bwd_p``), and no bias share."""
-        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        cols = tl.arange(0, C)
-        if ABOVE:
-            w_above = _weights(w_above_ptr, b, C)  # (C_above, C)
-        end = tl.minimum(pid * ROWS + ROWS, N)
-        db = tl.zeros([C], dtype=tl.float32)
-        for first in range(pid * ROWS, end, BLOCK_M):
-            rows = first + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            tile = rows[:, None] * C + cols[None, :]
-            above = tl.load(dpre_above_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.)
-            if ABOVE:
-                grad = tl.dot(above, w_above, input_precision=PRECISION)
-            else:
-                grad = above.to(tl.float32)
-            if LN_BACKWARD:
-                dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)  # rows past end: 0
-                db += tl.sum(dpre, axis=0)
-            else:
-                dpre = grad
-            tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
-        if LN_BACKWARD:
-            _store_share(db_part_ptr, db, pid, b, PARTS, C, 0, C)
-
-    @triton.autotune(configs=_configs('_top_layer_bwd_p',
-                                      ({'ROWS': 512, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 1024, 'BLOCK_M': 64}, 8, 1),
-                                      ({'ROWS': 256, 'BLOCK_M': 64}, 8, 1), ({'ROWS': 2048, 'BLOCK_M': 64}, 8, 1)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
-    @triton.jit
-    def _top_layer_bwd_p(grad_ptr, x_ptr, w_ptr, b_ptr, dpre_ptr, db_part_ptr, N, PARTS, ROWS_KEY, BATCH_KEY, eps,
-                         C: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """phi's last layer's backward, whose xhat the forward did not store (only its ReLU, phi's output): for the rows
-        [pid * ROWS, (pid + 1) * ROWS) of observation b, with the layer's W held on chip, xhat is formed again from the
-        layer's input x (B, N, C) (the layer's forward: relu(x) @ W^T + b, LayerNorm in float32), then dpre is the
-        LayerNorm/ReLU backward of phi's output gradient (B, N, C), stored, and summed over the rows into row pid of
-        db_part (B, PARTS, C). One product a tile more than storing xhat and its 1/std, two activations fewer."""
-        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        cols = tl.arange(0, C)
-        w_t = tl.trans(_weights(w_ptr, b, C))  # (C_in, C_out) = W^T
-        end = tl.minimum(pid * ROWS + ROWS, N)
-        db = tl.zeros([C], dtype=tl.float32)
-        for first in range(pid * ROWS, end, BLOCK_M):
-            rows = first + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            tile = rows[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.)
-            grad = tl.load(grad_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-            pre = tl.dot(tl.where(x > 0, x, 0.).to(w_t.dtype), w_t, input_precision=PRECISION)
-            pre += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
-            pre, _, rstd = _centred_and_rstd(pre, eps, C)
-            rstd = tl.where(row_ok, rstd, 0.)  # rows past end: dpre 0
-            dpre = _layer_norm_relu_bwd_of(grad, pre * rstd[:, None], rstd, C)
-            tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
-            db += tl.sum(dpre, axis=0)
-        _store_share(db_part_ptr, db, pid, b, PARTS, C, 0, C)
-
-    @triton.jit
-    def _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C: tl.constexpr,
-                             FROM_POINTS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
-        """dW[n-block, :] = dpre[:, n-block]^T @ relu(x) over one run of SPLIT_ROWS rows (of S = cdiv(N, SPLIT_ROWS))
-        of observation b: BLOCK_N rows of dW, all C columns, so each row of dpre is read once and each row of x once
-        a block. Written to dw (B * S, C, C), float32 shares that the caller sums, or dW itself in its dtype when
-        S is 1. With FROM_POINTS x is the input layer's output, formed again in float32 from the points x_ptr
-        (B, N, 3), the row statistics and W0^T, b0, then rounded to dpre's dtype as the forward rounded it."""
-        pid_n, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        cols = tl.arange(0, C)
-        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-        end = tl.minimum(split * SPLIT_ROWS + SPLIT_ROWS, N)
-        for first in range(split * SPLIT_ROWS, end, BLOCK_R):
-            rs = first + tl.arange(0, BLOCK_R)
-            row_ok = rs < end
-            d = tl.load(dpre_ptr + b * N * C + rs[:, None] * C + ns[None, :], mask=row_ok[:, None], other=0.)
-            if FROM_POINTS:
-                x0, x1, x2 = _points(x_ptr, b, rs, row_ok, N)
-                mean, rstd = _input_layer_stats(stats_ptr, b, rs, row_ok, N)  # rows past end: rstd 0, x 0
-                x = _input_layer_xhat(x0, x1, x2, w0_ptr, b0_ptr, mean, rstd, b, cols, C)
-            else:
-                x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
-            x = tl.where(x > 0, x, 0.).to(d.dtype)  # the previous layer's ReLU
-            acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION)
-        tl.store(dw_ptr + (b * tl.num_programs(1) + split) * C * C + ns[:, None] * C + cols[None, :],
-                 acc.to(dw_ptr.dtype.element_ty))
-
-    @triton.autotune(configs=_configs('_hidden_layer_bwd_weights_p',
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'SPLIT_ROWS'])
-    @triton.jit
-    def _hidden_layer_bwd_weights_p(dpre_ptr, x_ptr, dw_ptr, N, ROWS_KEY, BATCH_KEY, SPLIT_ROWS, C: tl.constexpr,
-                                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """A hidden layer's weight gradient dW = dpre^T @ relu(x) over runs of rows (``_weight_gradient_run``). No
-        bias gradient: ``_hidden_layer_bwd_p`` sums it as it forms dpre."""
-        _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, dw_ptr, dw_ptr, dw_ptr, N, SPLIT_ROWS, C, False, PRECISION,
-                             BLOCK_N, BLOCK_R)
-
-    @triton.autotune(configs=_configs('_first_hidden_layer_bwd_weights_p',
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 32}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 16}, 8, 3),
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 16}, 8, 3), ({'BLOCK_N': 64, 'BLOCK_R': 16}, 4, 3)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C', 'SPLIT_ROWS'])
-    @triton.jit
-    def _first_hidden_layer_bwd_weights_p(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, ROWS_KEY, BATCH_KEY,
-                                          SPLIT_ROWS, C: tl.constexpr, PRECISION: tl.constexpr,
-                                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """The first hidden layer's weight gradient, whose input (the input layer's output) the forward never stored:
-        formed again from the points x (B, N, 3), the row statistics (B, N, 2) and W0^T, b0 (``_weight_gradient_run``
-        with FROM_POINTS). Its (rows, C) float32 tile costs registers the other layers' loads do not, hence its own
-        candidates, with fewer rows or dW rows a step."""
-        _weight_gradient_run(dpre_ptr, x_ptr, dw_ptr, stats_ptr, w0_ptr, b0_ptr, N, SPLIT_ROWS, C, True, PRECISION,
-                             BLOCK_N, BLOCK_R)
-
-    @triton.autotune(configs=_configs('_input_layer_bwd_p',
-                                      ({'ROWS': 512, 'BLOCK_M': 16}, 4, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 8, 1),
-                                      ({'ROWS': 1024, 'BLOCK_M': 16}, 4, 1), ({'ROWS': 512, 'BLOCK_M': 32}, 4, 1)),
-                     key=['ROWS_KEY', 'BATCH_KEY', 'C'])
-    @triton.jit
-    def _input_layer_bwd_p(grad_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, part_ptr, N, PARTS, ROWS_KEY, BATCH_KEY,
-                           C: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The input layer's backward for the rows [pid * ROWS, (pid + 1) * ROWS) of observation b, from the gradient
-        of its output (B, N, C) (formed by ``_hidden_layer_bwd_p`` without LN_BACKWARD) and its row statistics, from
-        which its xhat is formed again in float32: dx, and this run's share of dW0^T's three rows and db0 in row pid of
-        (B, PARTS, 4, C). No matrix product, so the tiles stay in a layout where each thread holds few columns, and
-        the running sums over rows cost few registers."""
-        pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        cols = tl.arange(0, C)
-        end = tl.minimum(pid * ROWS + ROWS, N)
-        dw0 = tl.zeros([C], dtype=tl.float32)
-        dw1 = tl.zeros([C], dtype=tl.float32)
-        dw2 = tl.zeros([C], dtype=tl.float32)
-        db = tl.zeros([C], dtype=tl.float32)
-        for first in range(pid * ROWS, end, BLOCK_M):
-            rows = first + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            grad = tl.load(grad_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
-                           other=0.).to(tl.float32)
-            x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
-            mean, rstd = _input_layer_stats(stats_ptr, b, rows, row_ok, N)  # rows past end: rstd 0, so dpre 0
-            xhat = _input_layer_xhat(x0, x1, x2, w_ptr, b_ptr, mean, rstd, b, cols, C)
-            dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)  # (BLOCK_M, C) float32
-            w = w_ptr + b * 3 * C + cols  # W0^T (B, 3, C)
-            tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * tl.load(w)[None, :], axis=1), mask=row_ok)
-            tl.store(dx_ptr + b * N * 3 + rows * 3 + 1, tl.sum(dpre * tl.load(w + C)[None, :], axis=1), mask=row_ok)
-            tl.store(dx_ptr + b * N * 3 + rows * 3 + 2, tl.sum(dpre * tl.load(w + 2 * C)[None, :], axis=1),
-                     mask=row_ok)
-            dw0 += tl.sum(dpre * x0[:, None], axis=0)
-            dw1 += tl.sum(dpre * x1[:, None], axis=0)
-            dw2 += tl.sum(dpre * x2[:, None], axis=0)
-            db += tl.sum(dpre, axis=0)
-        _store_share(part_ptr, dw0, pid, b, PARTS, 4 * C, 0, C)
-        _store_share(part_ptr, dw1, pid, b, PARTS, 4 * C, C, C)
-        _store_share(part_ptr, dw2, pid, b, PARTS, 4 * C, 2 * C, C)
-        _store_share(part_ptr, db, pid, b, PARTS, 4 * C, 3 * C, C)
-
-
-# Which kernels run phi's hidden layers and the input layer's backward (``SRN_KERNELS_IMPL``): 'tiles', a program a
-# tile of rows that loads the layer's W again for every tile (rounds 1-5 of benchmarks/NOTES.md), or 'persistent', a
-# program a run of rows of one observation with W loaded once (round 7), which also stores the input layer's and the
-# last layer's normalised values no more (its backward forms them again). Both compute the same function.
-IMPLS = ('tiles', 'persistent')
-IMPL = os.environ.get('SRN_KERNELS_IMPL', 'tiles')
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
 # Rows per program in the hidden layers' weight gradients (a multiple of every candidate's BLOCK_R): at 64 px
@@ -661,49 +386,10 @@ def _rows_grid(num_rows, batch_size):
     return grid
 
 
-def _persistent(weights):
-    """Whether phi's hidden layers, of weights (B, C, C), run on the persistent kernels (``IMPL``): on a GPU only
-    where W fits in a multiprocessor's shared memory next to a tile, 128 KB (C = 256 in 16 bits); so float32 (256 KB
-    at C = 256) and wider layers keep the per-tile kernels there. The interpreter, without such a limit, runs both."""
-    if IMPL not in IMPLS:
-        raise ValueError(f"SRN_KERNELS_IMPL={IMPL!r}: expected one of {', '.join(IMPLS)}")
-    return IMPL == 'persistent' and (INTERPRET or weights[0].numel() * weights.element_size() <= 128 * 1024)
-
-
-def _batch_key(batch_size):
-    """The observations' power of two, capped at 128: with the row count it sets how many programs the persistent
-    kernels' grid has, so the autotuner keys on it."""
-    return min(triton.next_power_of_2(batch_size), 128)
-
-
-def _runs_grid(num_rows, batch_size):
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta['ROWS']), batch_size)
-    return grid
-
-
-def _max_runs(kernel, num_rows):
-    """Runs of rows a persistent kernel's program can have for ``num_rows`` rows, whatever candidate the autotuner
-    picks: the size of the buffers its programs write their shares into."""
-    return triton.cdiv(num_rows, min(config.kwargs['ROWS'] for config in CANDIDATES[kernel]))
-
-
-_MULTIPROCESSORS = {}
-
-
-def _multiprocessors(device):
-    if device not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                                    if device.type == 'cuda' else 132)
-    return _MULTIPROCESSORS[device]
-
-
 def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     """[v (B, N, C), the input layer's row statistics (B, N, 2) (mean, 1/std), xhat of the input layer and of every
     normalised hidden layer (B, N, C), 1/std of every normalised hidden layer (B, N)]; without ``keep`` (no
-    backward to come) only v. On the persistent kernels the input layer's xhat, and the last layer's xhat and 1/std,
-    are not stored (empty tensors stand in their places): the backward forms them again, from the points and the
-    row statistics, and from the last layer's input."""
+    backward to come) only v."""
     batch_size, num_points, _ = x.shape
     rows_key = _rows_key(num_points)
     channels = weights[1].shape[-2]
@@ -713,40 +399,20 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
     def empty_rows(*shape, dtype=act_dtype):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     stats = empty_rows(2, dtype=torch.float32) if keep else x  # (without keep a pointer the kernel leaves alone)
-    persistent = _persistent(weights[1])
-    if persistent:  # the input layer is formed inside the first hidden layer's pass and never stored
-        xhats, rstds = [torch.empty(0, device=x.device, dtype=act_dtype)], []
-    else:
-        xhats, rstds = [empty_rows(channels)], []
-        _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], stats, xhats[0], num_points, rows_key, eps,
-                                        C=channels, KEEP=keep)
+    xhats, rstds = [empty_rows(channels)], []
+    _launch(_input_layer_fwd)[grid](x, weights[0], biases[0], stats, xhats[0], num_points, rows_key, eps,
+                                    C=channels, KEEP=keep)
     out = None
     for i in range(1, len(weights)):
         last = i == len(weights) - 1
         normalize = normalize_last or not last
-        # On the persistent kernels a normalised last layer (above the first) stores phi's output alone, as without
-        # a backward: its backward forms xhat again from this layer's input (``_top_layer_bwd_p``).
-        keep_layer = keep and not (persistent and last and normalize and i > 1)
         out = empty_rows(channels)
-        rstd = empty_rows(dtype=torch.float32) if normalize and keep_layer else out
-        v = empty_rows(channels) if last and normalize and keep_layer else out
-        flags = dict(C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep_layer,
-                     PRECISION=_precision(act_dtype))
-        runs = _runs_grid(num_points, batch_size)
-        if persistent and i == 1:
-            _launch(_first_hidden_layer_fwd_p)[runs](x, weights[0], biases[0], stats, weights[i], biases[i], out,
-                                                     rstd, v, num_points, rows_key, _batch_key(batch_size), eps,
-                                                     **flags)
-        elif persistent:
-            _launch(_hidden_layer_fwd_p)[runs](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
-                                               _batch_key(batch_size), eps, **flags)
-        else:
-            _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key,
-                                             eps, **flags)
-        if normalize and keep and not keep_layer:  # stand-ins for what this layer did not store
-            xhats.append(torch.empty(0, device=x.device, dtype=act_dtype))
-            rstds.append(torch.empty(0, device=x.device, dtype=torch.float32))
-        elif normalize:  # (without keep, xhats[-1] is only the next layer's input)
+        rstd = empty_rows(dtype=torch.float32) if normalize and keep else out
+        v = empty_rows(channels) if last and normalize and keep else out
+        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, eps,
+                                         C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
+                                         PRECISION=_precision(act_dtype))
+        if normalize:  # (without keep, xhats[-1] is only the next layer's input)
             xhats.append(out), rstds.append(rstd)
         out = v
     return [out, stats, *xhats, *rstds] if keep else [out]
@@ -782,9 +448,8 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
-    points and its row statistics."""
-    if _persistent(weights[1]):
-        return _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, eps)
+    points and its row statistics. ``eps``, the forward's LayerNorm epsilon, is passed on but not needed here: every
+    1/std the backward uses was stored by the forward."""
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
@@ -818,93 +483,6 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5
     dw0 = dw_part.sum(1).to(weights[0].dtype)  # (B, 3, C), the gradient of W0^T
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]
-
-
-def _weight_splits(batch_size, num_points, device):
-    """Runs of rows the persistent weight gradient splits each observation into: enough programs (two blocks of
-    dW rows each) for about one per multiprocessor, and runs of at least 512 rows. At 64 px x 64 (B 64) that is 1,
-    no shares to sum; at 128 px x 16 (B 16, N 16384), 4."""
-    wanted = round(_multiprocessors(device) / (2 * batch_size))
-    return max(1, min(wanted, -(-num_points // 512)))  # (plain integers: the tests run it without Triton)
-
-
-def _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, splits=None, input_layer=None):
-    """dW = dpre^T @ relu(x) (B, C, C) of a hidden layer in ``dtype`` from dpre and x (B, N, C), on the persistent
-    kernel: ``splits`` runs of rows an observation (default ``_weight_splits``), their float32 shares summed. With
-    ``input_layer`` = (stats, W0^T, b0), x is the points (B, N, 3) and the layer's input is the input layer's output,
-    formed again from them."""
-    batch_size, num_points, channels = dpre.shape
-    splits = splits or _weight_splits(batch_size, num_points, dpre.device)
-    split_rows = triton.cdiv(triton.cdiv(num_points, splits), 64) * 64  # whole BLOCK_R steps of every candidate
-    splits = triton.cdiv(num_points, split_rows)
-    dw = torch.empty(batch_size * splits, channels, channels, device=dpre.device,
-                     dtype=dtype if splits == 1 else torch.float32)
-
-    def grid(meta):
-        return (channels // meta['BLOCK_N'], splits, batch_size)
-    if input_layer is None:
-        _launch(_hidden_layer_bwd_weights_p)[grid](dpre, x, dw, num_points, rows_key, batch_key, split_rows,
-                                                   C=channels, PRECISION=_precision(dtype))
-    else:
-        _launch(_first_hidden_layer_bwd_weights_p)[grid](dpre, x, dw, *input_layer, num_points, rows_key, batch_key,
-                                                         split_rows, C=channels, PRECISION=_precision(dtype))
-    if splits == 1:
-        return dw
-    return dw.view(batch_size, splits, channels, channels).sum(1).to(dtype)
-
-
-def _phi_backward_persistent(grad_v, x, weights, biases, stats, xhats, rstds, eps):
-    """``_phi_backward_impl`` on the persistent kernels: the same dataflow, except that each layer's bias gradient
-    is summed as its dpre is formed (shares of each run of rows, summed here) instead of in the weight-gradient
-    kernel, the first hidden layer's weight gradient forms its input (the input layer's output, never stored) again
-    from the points, and the input layer's output gradient is stored for a float32 pass of its own."""
-    batch_size, num_points, channels = grad_v.shape
-    rows_key, batch_key = _rows_key(num_points), _batch_key(batch_size)
-    grid = _runs_grid(num_points, batch_size)
-    dtype = weights[1].dtype
-    top = len(weights) - 1  # hidden layers 1..top; xhats[i] and rstds[i - 1] are layer i's, xhats[0] the input's
-    runs = _max_runs('_hidden_layer_bwd_p', num_points)
-
-    def layer_norm_relu_backward(above, w_above, xhat, rstd, ln_backward=True):
-        """(dpre, db) of a normalised hidden layer from the gradient above it (with ``w_above``: that layer's dpre);
-        without ``ln_backward`` (the input layer's) only the gradient of its output."""
-        dpre = torch.empty_like(xhat)
-        db_part = torch.empty(batch_size, runs if ln_backward else 1, channels, device=x.device, dtype=torch.float32)
-        _launch(_hidden_layer_bwd_p)[grid](above, above if w_above is None else w_above, xhat, rstd, dpre, db_part,
-                                           num_points, runs, rows_key, batch_key, C=channels,
-                                           ABOVE=w_above is not None, LN_BACKWARD=ln_backward,
-                                           PRECISION=_precision(dtype))
-        return dpre, db_part.sum(1).to(dtype)
-    if len(rstds) == top and top > 1:  # a normalised last layer whose xhat the forward did not store
-        dpre = torch.empty_like(grad_v)
-        top_runs = _max_runs('_top_layer_bwd_p', num_points)
-        db_part = torch.empty(batch_size, top_runs, channels, device=x.device, dtype=torch.float32)
-        _launch(_top_layer_bwd_p)[grid](grad_v, xhats[top - 1], weights[top], biases[top], dpre, db_part, num_points,
-                                        top_runs, rows_key, batch_key, eps, C=channels, PRECISION=_precision(dtype))
-        db = db_part.sum(1).to(dtype)
-    elif len(rstds) == top:  # a normalised last layer that is the first: LayerNorm/ReLU backward of its output
-        dpre, db = layer_norm_relu_backward(grad_v, None, xhats[top], rstds[top - 1])
-    else:  # a linear last layer
-        dpre, db = grad_v.to(dtype), grad_v.float().sum(1).to(dtype)
-    grads = []
-    for i in range(top, 0, -1):
-        if i > 1:
-            dw = _weight_gradients_p(dpre, xhats[i - 1], dtype, rows_key, batch_key)
-        else:  # the first hidden layer's input, the input layer's output, formed again from the points
-            dw = _weight_gradients_p(dpre, x, dtype, rows_key, batch_key, input_layer=(stats, weights[0], biases[0]))
-        grads = [dw, db, *grads]
-        if i > 1:
-            dpre, db = layer_norm_relu_backward(dpre, weights[i], xhats[i - 1], rstds[i - 2])
-    # The input layer: the gradient of its output through the first hidden layer's W, in the activations' dtype (as
-    # PyTorch's mixed precision has it), then its backward in float32, with each run's shares of dW0 and db0.
-    grad0, _ = layer_norm_relu_backward(dpre, weights[1], dpre, stats, ln_backward=False)
-    runs = _max_runs('_input_layer_bwd_p', num_points)
-    dx = torch.empty_like(x)
-    parts = torch.empty(batch_size, runs, 4, channels, device=x.device, dtype=torch.float32)  # dW0^T's rows, db0
-    _launch(_input_layer_bwd_p)[grid](grad0, stats, x, weights[0], biases[0], dx, parts, num_points, runs, rows_key,
-                                      batch_key, C=channels)
-    shares = parts.sum(1).to(weights[0].dtype)  # (B, 4, C)
-    return [dx, shares[:, :3].clone(), shares[:, 3].clone(), *grads]  # (B, 3, C) and (B, C), not views of one
 
 
 def _register():
