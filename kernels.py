@@ -440,7 +440,7 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
             db.view(batch_size, splits, channels).sum(1).to(dtype))
 
 
-def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5):
+def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from the
     layers' weights and biases and what the forward kept: the input layer's row statistics, xhat of the input layer
     and of the normalised hidden layers, and their 1/std.
@@ -448,8 +448,7 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps=1e-5
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
     ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
-    points and its row statistics. ``eps``, the forward's LayerNorm epsilon, is passed on but not needed here: every
-    1/std the backward uses was stored by the forward."""
+    points and its row statistics. It needs no LayerNorm epsilon: every 1/std it uses was stored by the forward."""
     batch_size, num_points, channels = grad_v.shape
     rows_key = _rows_key(num_points)
     grid = _rows_grid(num_points, batch_size)
@@ -499,16 +498,15 @@ def _register():
 
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
     def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor],
-                      eps: float) -> list[torch.Tensor]:
-        return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds, eps)
+                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds)
 
     def _setup_context(ctx, inputs, output):
-        x, weights, biases, eps, normalize_last = inputs
+        x, weights, biases, _, normalize_last = inputs  # LayerNorm's eps: the backward needs none
         hidden = len(weights) - 1
         num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
         stats, xhats, rstds = output[1], output[2:3 + num_norm], output[3 + num_norm:]  # xhats[0]: input layer's
-        ctx.num_layers, ctx.num_norm, ctx.eps = len(weights), num_norm, eps
+        ctx.num_layers, ctx.num_norm = len(weights), num_norm
         ctx.save_for_backward(x, stats, *weights, *biases, *xhats, *rstds)
         ctx.mark_non_differentiable(stats, *xhats, *rstds)
 
@@ -517,7 +515,7 @@ def _register():
         n, m = ctx.num_layers, ctx.num_norm
         x, stats, weights, biases = saved[0], saved[1], list(saved[2:2 + n]), list(saved[2 + n:2 + 2 * n])
         xhats, rstds = list(saved[2 + 2 * n:3 + 2 * n + m]), list(saved[3 + 2 * n + m:])
-        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds, ctx.eps)
+        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds)
         return flat[0], flat[1::2], flat[2::2], None, None
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)
