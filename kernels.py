@@ -55,14 +55,34 @@ MIN_CHANNELS = 128 if INTERPRET else 256
 CANDIDATES = {}  # kernel name -> every autotuning candidate (triton.Config), filled below
 
 
-def available():
-    """Whether the fused kernels can run here: Triton is installed and a CUDA device (or the interpreter) exists."""
-    return _REGISTERED and (torch.cuda.is_available() or INTERPRET)
+# Compute capability the kernels need: Ampere (8.0) and later multiply bfloat16 on the matrix units. Compiled for
+# Volta or Turing (7.x) Triton has no matrix instructions for them and spills 7-21 KB a thread to local memory
+# (benchmarks/kernel_resources.py --arch 70 / 75), far slower than cuBLAS, so phi stays on PyTorch layers there.
+MIN_CAPABILITY = (8, 0)
+
+
+def runs_on(device):
+    """Whether the kernels can run on ``device``: a CUDA device of compute capability ``MIN_CAPABILITY`` or later,
+    or the CPU under the interpreter. (Triton itself may be missing: see ``available``.)"""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
+    return INTERPRET and device.type == 'cpu'
+
+
+def available(device=None):
+    """Whether the fused kernels can run here: Triton is installed, and ``device`` (default: the current CUDA
+    device, or the CPU under the interpreter) is one they run on (``runs_on``)."""
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return _REGISTERED and runs_on(device)
 
 
 def supports(x, layers):
     """Whether ``phi(x, layers)`` has a fused kernel: phi's layout (3 -> C -> ... -> C, C a power of two >= 256, every
-    layer normalised, or all but the last) on tensors of a device the kernels run on."""
+    layer normalised, or all but the last) on a CUDA device (or the CPU under the interpreter). It does not ask for the
+    device's compute capability (``runs_on``): the switch that sends phi here is set where ``available`` was asked
+    (``util.fused_kernels_mode``), and this check runs inside compiled code on every evaluation."""
     if not _REGISTERED or not (x.is_cuda or (INTERPRET and x.device.type == 'cpu')):
         return False
     channels = layers[0][0].shape[-2]

@@ -409,8 +409,9 @@ def autocast(device_type, amp_dtype=None):
 KERNEL_CHOICES = ('torch', 'render', 'triton')
 KERNELS_HELP = ('phi under --amp bf16 / --fast: on the fused Triton kernels of kernels.py where no gradients are '
                 'taken (rendering, validation) and on PyTorch layers where they are (training, fitting): render, '
-                'the default, which keeps to the PyTorch layers where the kernels cannot run (the CPU, float32); '
-                'on the kernels for gradients too: triton; on PyTorch layers everywhere: torch '
+                'the default, which keeps to the PyTorch layers where the kernels cannot run (the CPU, float32, '
+                'GPUs of compute capability below 8.0); on the kernels for gradients too: triton; on PyTorch layers '
+                'everywhere: torch '
                 '(benchmarks/NOTES.md)')
 
 
@@ -426,13 +427,17 @@ def fused_kernels_mode(choice, amp, device):
         return False
     import kernels  # only here: importing Triton costs seconds
     if choice == 'render':
-        return 'render' if kernels.available() else False
+        return 'render' if kernels.available(device) else False
     if amp != 'bf16':
         raise ValueError("--kernels triton: the fused kernels serve the mixed-precision path; add --fast or --amp "
                          "bf16 (the float32 path is the reference's and stays on PyTorch)")
-    if device.type != 'cuda' or not kernels.available():
-        raise ValueError("--kernels triton: the fused kernels need Triton and a CUDA device "
-                         f"(device {device}, Triton {'installed' if kernels.triton else 'not installed'}); "
+    if device.type != 'cuda' or not kernels.available(device):
+        here = f'device {device}'
+        if device.type == 'cuda' and torch.cuda.is_available():
+            here += ', compute capability {}.{}'.format(*torch.cuda.get_device_capability(device))
+        needs = '{}.{}'.format(*kernels.MIN_CAPABILITY)
+        raise ValueError(f"--kernels triton: the fused kernels need Triton and a CUDA device of compute capability "
+                         f"{needs} or later ({here}, Triton {'installed' if kernels.triton else 'not installed'}); "
                          "use --kernels render or torch")
     return True
 

@@ -385,7 +385,8 @@ def test_kernels_mode_of_each_choice():
     assert util.fused_kernels_mode('render', 'none', cpu) is False
     with pytest.raises(ValueError, match='mixed-precision path'):
         util.fused_kernels_mode('triton', 'none', cpu)
-    with pytest.raises(ValueError, match=r'need Triton and a CUDA device \(device cpu'):
+    with pytest.raises(ValueError, match=r'need Triton and a CUDA device of compute capability 8\.0 or later '
+                                         r'\(device cpu'):
         util.fused_kernels_mode('triton', 'bf16', cpu)
     with pytest.raises(ValueError, match='expected one of torch, render, triton'):
         util.fused_kernels_mode('cuda', 'bf16', cpu)
@@ -397,6 +398,29 @@ def test_kernels_mode_of_each_choice():
             assert util.fused_kernels_mode('triton', 'bf16', gpu) is True
     with pytest.raises(ValueError, match='False, True or .render.'):
         srns.SRNsModel(num_instances=1, latent_dim=8, tracing_steps=2).use_fused_kernels('always')
+
+
+@pytest.mark.parametrize('capability', [(7, 0), (7, 5), (8, 0), (8, 6), (9, 0)])
+def test_the_kernels_run_on_ampere_and_later(monkeypatch, capability):
+    """Volta and Turing GPUs (compute capability 7.x) have no bfloat16 matrix instructions, and the kernels compile
+    to loops that spill kilobytes a thread there: --kernels render keeps phi on PyTorch layers on them, and --kernels
+    triton is refused with the device's capability named. A GPU of each capability is stood in for (and Triton, as
+    if installed), so this runs anywhere."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(kernels, '_REGISTERED', True)
+    gpu = torch.device('cuda')
+    runs = capability >= (8, 0)
+    assert kernels.runs_on(gpu) is runs and kernels.available(gpu) is runs and kernels.available() is runs
+    assert util.fused_kernels_mode('render', 'bf16', gpu) == ('render' if runs else False)
+    if runs:
+        assert util.fused_kernels_mode('triton', 'bf16', gpu) is True
+    else:
+        with pytest.raises(ValueError, match=r'compute capability 8\.0 or later \(device cuda, compute capability '
+                                             rf'{capability[0]}\.{capability[1]},'):
+            util.fused_kernels_mode('triton', 'bf16', gpu)
+    monkeypatch.setattr(kernels, '_REGISTERED', False)  # no Triton: nowhere, whatever the GPU
+    assert not kernels.available(gpu) and util.fused_kernels_mode('render', 'bf16', gpu) is False
 
 
 @pytest.mark.parametrize('fused', [False, True, 'render'])

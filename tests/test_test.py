@@ -410,7 +410,7 @@ def test_kernels_triton_where_they_cannot_run_is_a_clear_error(trained, tmp_path
     """--kernels triton needs bf16 and a CUDA device with Triton: refused before anything is written."""
     with pytest.raises(ValueError, match=r'--kernels triton: .*mixed-precision path; add --fast or --amp bf16'):
         srn_test.main(base_args(trained, tmp_path / 'a', '--kernels', 'triton'))
-    with pytest.raises(ValueError, match=r'--kernels triton: the fused kernels need Triton and a CUDA device '
-                                         r'\(device cpu'):
+    with pytest.raises(ValueError, match=r'--kernels triton: the fused kernels need Triton and a CUDA device of '
+                                         r'compute capability 8\.0 or later \(device cpu'):
         srn_test.main(base_args(trained, tmp_path / 'b', '--kernels', 'triton', '--amp', 'bf16'))
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()

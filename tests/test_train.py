@@ -307,7 +307,8 @@ def test_clear_errors_before_training(tiny_dataset, tmp_path):
           '--tracing_grad_steps', '3')
     fails(r'--kernels triton: .*mixed-precision path; add --fast or --amp bf16', '--kernels', 'triton')
     if not (torch.cuda.is_available() and kernels.available()):
-        fails(r'--kernels triton: the fused kernels need Triton and a CUDA device \(device cpu',
+        fails(r'--kernels triton: the fused kernels need Triton and a CUDA device of compute capability 8\.0 or '
+              r'later \(device cpu',
               '--kernels', 'triton', '--amp', 'bf16', '--device', 'cpu')
     with pytest.raises(SystemExit):  # argparse: --data_root is required
         train.main(['--logging_root', str(tmp_path)])
