@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 100: 232448}  # bytes a block can use, by compute capability
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # a block's bytes
 BF16, F32 = torch.bfloat16, torch.float32
 # The shapes the cars setting launches (B 64, N 4096, C 256): integer arguments are specialised as a launch with
 # them would be (divisible by 16), the pointer arguments as 16-byte aligned tensors of these dtypes.
