@@ -289,44 +289,39 @@ if triton is not None:
         tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_hidden_layer_bwd_weights',
-                                      ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 64}, 8, 3),
-                                      ({'BLOCK_N': 128, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 4),
-                                      ({'BLOCK_N': 128, 'BLOCK_K': 64, 'BLOCK_R': 64}, 4, 3),
-                                      ({'BLOCK_N': 256, 'BLOCK_K': 64, 'BLOCK_R': 64}, 8, 3),
-                                      ({'BLOCK_N': 256, 'BLOCK_K': 128, 'BLOCK_R': 32}, 8, 3)),
+                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
+                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3)),
                      key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])
     @triton.jit
     def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS, C: tl.constexpr,
-                                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_R: tl.constexpr):
-        """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for one (BLOCK_N, BLOCK_K) tile of one split;
-        dpre and x, the layer's input, (B, N, C).
+                                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for BLOCK_N rows of dW (all C columns) over one
+        split of the rows; dpre and x, the layer's input, (B, N, C).
 
+        Each row of dpre is read once, by the program of its columns, and each row of x once a block of dW rows.
         The rows of an observation are split into S = cdiv(N, SPLIT_ROWS) runs of SPLIT_ROWS (a multiple of
-        BLOCK_R), one program each, so that there are enough programs to fill the GPU; program 2 counts
+        BLOCK_R), one program each, where there are too few observations to fill the GPU; program 1 counts
         (observation, split) pairs, and each writes its split's share: (B, S, C, C) and (B, S, C), which the
         caller sums (with S = 1 the gradients themselves).
         """
-        pid_n, pid_k, part = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        pid_n, part = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b = part // tl.cdiv(N, SPLIT_ROWS)
         first = (part % tl.cdiv(N, SPLIT_ROWS)) * SPLIT_ROWS
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        cols = tl.arange(0, C)
+        acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
         bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r0 in range(0, SPLIT_ROWS, BLOCK_R):
             rs = first + r0 + tl.arange(0, BLOCK_R)
             row_ok = rs < N
-            dpre_t = tl.load(dpre_ptr + b * N * C + rs[None, :] * C + ns[:, None], mask=row_ok[None, :],
-                             other=0.)  # (BLOCK_N, BLOCK_R)
-            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
-            x = tl.where(x > 0, x, 0.).to(dpre_t.dtype)  # the previous layer's ReLU
-            acc = tl.dot(dpre_t, x, acc, input_precision=PRECISION)
-            if pid_k == 0:
-                bias_acc += tl.sum(dpre_t.to(tl.float32), axis=1)
-        tl.store(dw_ptr + part * C * C + ns[:, None] * C + ks[None, :], acc.to(dw_ptr.dtype.element_ty))
-        if pid_k == 0:
-            tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
+            d = tl.load(dpre_ptr + b * N * C + rs[:, None] * C + ns[None, :], mask=row_ok[:, None],
+                        other=0.)  # (BLOCK_R, BLOCK_N)
+            x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
+            x = tl.where(x > 0, x, 0.).to(d.dtype)  # the previous layer's ReLU
+            acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION)
+            bias_acc += tl.sum(d.to(tl.float32), axis=0)
+        tl.store(dw_ptr + part * C * C + ns[:, None] * C + cols[None, :], acc.to(dw_ptr.dtype.element_ty))
+        tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
                                       ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4),
@@ -377,10 +372,28 @@ if triton is not None:
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
-# Rows per program in the hidden layers' weight gradients (a multiple of every candidate's BLOCK_R): at 64 px
-# (B 64, N 4096) one program per observation and tile would give 256 programs for the GPU's 132 multiprocessors,
-# each running over 4096 rows; splitting them gives 4x as many, and the shares are summed in float32.
-WEIGHT_ROWS = 1024
+# The hidden layers' weight gradients run a program per block of dW rows and observation: at 64 px (B 64, N 4096)
+# 128 programs for the H100's 132 multiprocessors, each over all of its observation's rows. With fewer observations
+# (128 px: B 16, N 16384) the rows are split into runs, about a program a multiprocessor, of at least WEIGHT_ROWS
+# rows each, and the shares are summed in float32.
+WEIGHT_ROWS = 512
+_MULTIPROCESSORS = {}
+
+
+def _multiprocessors(device):
+    """The GPU's multiprocessors (132 on an H100; and for the interpreter)."""
+    if device not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                    if device.type == 'cuda' else 132)
+    return _MULTIPROCESSORS[device]
+
+
+def _weight_splits(batch_size, num_points, device):
+    """Runs of rows the weight gradients split each observation into: about a program a multiprocessor (two blocks
+    of dW rows an observation and run), in runs of at least WEIGHT_ROWS rows. At 64 px x 64 that is 1 (no shares to
+    sum), at 128 px x 16 4."""
+    wanted = round(_multiprocessors(device) / (2 * batch_size))
+    return max(1, min(wanted, -(-num_points // WEIGHT_ROWS)))
 
 
 def _launch(kernel):
@@ -439,19 +452,19 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
 
 
 def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
-    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C)."""
+    """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C), in
+    runs of ``split_rows`` rows an observation (default: ``_weight_splits`` runs)."""
     batch_size, num_points, channels = dpre.shape
-    split_rows = split_rows or WEIGHT_ROWS
-    assert split_rows % 64 == 0, "rows per split must be whole steps of every candidate's BLOCK_R"
+    if split_rows is None:
+        split_rows = triton.cdiv(num_points, _weight_splits(batch_size, num_points, dpre.device))
+    split_rows = triton.cdiv(split_rows, 64) * 64  # whole BLOCK_R steps of every candidate
     splits = triton.cdiv(num_points, split_rows)
-    if splits == 1:
-        split_rows = triton.cdiv(num_points, 64) * 64  # one run over all rows, in whole BLOCK_R steps
     share_dtype = dtype if splits == 1 else torch.float32
     dw = torch.empty(batch_size * splits, channels, channels, device=dpre.device, dtype=share_dtype)
     db = torch.empty(batch_size * splits, channels, device=dpre.device, dtype=share_dtype)
 
     def grid(meta):
-        return (triton.cdiv(channels, meta['BLOCK_N']), triton.cdiv(channels, meta['BLOCK_K']), batch_size * splits)
+        return (triton.cdiv(channels, meta['BLOCK_N']), batch_size * splits)
     _launch(_hidden_layer_bwd_weights)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels,
                                              PRECISION=_precision(dtype))
     if splits == 1:

@@ -31,7 +31,7 @@ def main(argv=None):
         raise SystemExit('bench_kernels.py needs a CUDA device and Triton')
     from triton.testing import do_bench
     B, N, C = args.batch, args.points, 256
-    dev, bf16, f32 = 'cuda', torch.bfloat16, torch.float32
+    dev, bf16 = 'cuda', torch.bfloat16
     torch.manual_seed(0)
     x = torch.randn(B, N, 3, device=dev)
     w0, b0 = torch.randn(B, 3, C, device=dev), torch.randn(B, C, device=dev)  # W0 transposed, as the kernels take it
@@ -79,15 +79,15 @@ def main(argv=None):
         ('_hidden_layer_bwd (phi\'s output gradient)', kernels._hidden_layer_bwd, rows_grid,
          lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=False, PRECISION='tf32'), 3 * act_bytes, 0),
     ]
-    # The weight gradients over runs of split_rows rows (one program per observation, tile and run), their
-    # float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
+    # The weight gradients over runs of split_rows rows (one program per observation, block of dW rows and run),
+    # their float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
     for split_rows in (512, 1024, 2048, N):
         splits = triton_cdiv(N, split_rows)
         share = torch.float32 if splits > 1 else bf16
         dw_share = torch.empty(B * splits, C, C, device=dev, dtype=share)
         db_share = torch.empty(B * splits, C, device=dev, dtype=share)
         cases.append((f'_hidden_layer_bwd_weights (split {split_rows})', kernels._hidden_layer_bwd_weights,
-                      lambda meta, splits=splits: (C // meta['BLOCK_N'], C // meta['BLOCK_K'], B * splits),
+                      lambda meta, splits=splits: (C // meta['BLOCK_N'], B * splits),
                       lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
                           (act, act2, dw_share, db_share, N, N, split_rows),
                       dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops))

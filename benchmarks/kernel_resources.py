@@ -48,7 +48,7 @@ def launches():
     for above in (True, False):
         out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
                     dict(C=C, ABOVE=above, PRECISION='tf32')))
-    out.append(('_hidden_layer_bwd_weights', (BF16, BF16, F32, F32, N, rows, 1024), dict(C=C, PRECISION='tf32')))
+    out.append(('_hidden_layer_bwd_weights', (BF16, BF16, BF16, BF16, N, rows, N), dict(C=C, PRECISION='tf32')))
     out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION='tf32')))
     return out

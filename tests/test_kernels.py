@@ -108,7 +108,7 @@ def test_mixed_precision_kernels_are_as_close_to_float32_as_pytorch():
 @requires_kernels
 def test_odd_sizes_and_a_single_point():
     """Rows that do not fill a tile (masking), one observation, one point; and 1100 rows (the weight gradients in
-    two runs of kernels.WEIGHT_ROWS rows, the last one short)."""
+    three runs of 384 rows, kernels._weight_splits, the last one short)."""
     for batch_size, num_points in ((1, 1), (2, 65), (1, 129), (2, 1100)):
         hyper, z, x, grad_v = make_phi(batch_size=batch_size, num_points=num_points)
         util.set_tf32(False)
@@ -160,7 +160,7 @@ def test_without_gradients_phi_is_the_same(outermost_linear):
 @pytest.mark.parametrize('split_rows', [64, 128, None])
 def test_weight_gradients_summed_over_splits_of_the_rows(split_rows):
     """dW = dpre^T relu(x) and db = sum of dpre, computed over runs of rows (the last one short) and summed, equal
-    the products over all rows (None: kernels.WEIGHT_ROWS, more than the rows here, so one run)."""
+    the products over all rows (None: kernels._weight_splits, one run for these 300 rows)."""
     torch.manual_seed(0)
     dpre, x = torch.randn(2, 2, 300, kernels.MIN_CHANNELS, device=DEVICE).unbind(0)
     util.set_tf32(False)
@@ -340,7 +340,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             split = 64
             splits = cdiv(N, split)
             dw, db = torch.empty(B * splits, C, C, device=DEVICE), torch.empty(B * splits, C, device=DEVICE)
-            grid = (C // config.kwargs['BLOCK_N'], C // config.kwargs['BLOCK_K'], B * splits)
+            grid = (C // config.kwargs['BLOCK_N'], B * splits)
             launch(name, grid, grad, act, dw, db, N, rows, split, C=C, PRECISION='ieee', config=config)
             expected = grad.transpose(1, 2) @ act.clamp_min(0), grad.sum(1)
             results = dw.view(B, splits, C, C).sum(1), db.view(B, splits, C).sum(1)
