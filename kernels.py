@@ -392,7 +392,7 @@ def _weight_splits(batch_size, num_points, device):
     """Runs of rows the weight gradients split each observation into: about a program a multiprocessor (two blocks
     of dW rows an observation and run), in runs of at least WEIGHT_ROWS rows. At 64 px x 64 that is 1 (no shares to
     sum), at 128 px x 16 4."""
-    wanted = round(_multiprocessors(device) / (2 * batch_size))
+    wanted = (_multiprocessors(device) + batch_size) // (2 * batch_size)  # rounded, in integers (sizes may be symbolic)
     return max(1, min(wanted, -(-num_points // WEIGHT_ROWS)))
 
 
