@@ -381,7 +381,7 @@ _MULTIPROCESSORS = {}
 
 
 def _multiprocessors(device):
-    """The GPU's multiprocessors (132 on an H100; and for the interpreter)."""
+    """The GPU's multiprocessors; for the interpreter on the CPU, an H100's 132."""
     if device not in _MULTIPROCESSORS:
         _MULTIPROCESSORS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
                                     if device.type == 'cuda' else 132)
