@@ -377,15 +377,12 @@ INPUT_ROWS = 256  # rows per program in the input layer's backward
 # (128 px: B 16, N 16384) the rows are split into runs, about a program a multiprocessor, of at least WEIGHT_ROWS
 # rows each, and the shares are summed in float32.
 WEIGHT_ROWS = 512
-_MULTIPROCESSORS = {}
 
 
 def _multiprocessors(device):
-    """The GPU's multiprocessors; for the interpreter on the CPU, an H100's 132."""
-    if device not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                                    if device.type == 'cuda' else 132)
-    return _MULTIPROCESSORS[device]
+    """The GPU's multiprocessors (PyTorch keeps each device's properties); for the interpreter on the CPU, an
+    H100's 132."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else 132
 
 
 def _weight_splits(batch_size, num_points, device):
