@@ -308,11 +308,12 @@ def load_checkpoint(path, model, optimizer=None, overwrite_embeddings=False, map
 
 
 def to_uint8_image(image):
-    """[-1, 1] float image (H, W, C) or tensor -> uint8, round((x + 1) / 2 * 255) clipped to [0, 255]."""
+    """[-1, 1] float image (H, W, C) or tensor -> uint8, round((x + 1) / 2 * 255) clipped to [0, 255].
+    NaN (a diverged model's output) comes out black, +-inf as the end of the range it lies past."""
     if torch.is_tensor(image):
         image = image.detach().cpu().numpy()
-    image = np.round((np.asarray(image, dtype=np.float64) + 1.) / 2. * 255.)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    image = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=-1., posinf=1., neginf=-1.)
+    return np.clip(np.round((image + 1.) / 2. * 255.), 0, 255).astype(np.uint8)
 
 
 # Anchors of the perceptually uniform 'viridis' colour map (near = dark purple, far = yellow).
@@ -338,16 +339,18 @@ def colorize_depth(depth, foreground, colorbar=True):
     """(s, s) depth -> uint8 preview: viridis over the foreground's depth range, white background, and a
     colour bar on the right labelled with the near and far depths (scene units of camera z).
 
-    :param foreground: (s, s) bool, the object's pixels; the rest is painted white
+    :param foreground: (s, s) bool, the object's pixels; the rest is painted white, and foreground pixels
+        whose depth is not finite (a diverged model's) black, outside the depth range
     :return: (s, s, 3), or (s, s + bar, 3) with the colour bar
     """
     depth, foreground = np.asarray(depth, dtype=np.float64), np.asarray(foreground, dtype=bool)
     image = np.ones(depth.shape + (3,))
+    image[foreground & ~np.isfinite(depth)] = 0.
+    foreground = foreground & np.isfinite(depth)
     near = far = None
     if foreground.any():
         near, far = np.percentile(depth[foreground], 1), np.percentile(depth[foreground], 99)
-        colored = viridis((depth - near) / max(far - near, 1e-8))
-        image[foreground] = colored[foreground]
+        image[foreground] = viridis((depth[foreground] - near) / max(far - near, 1e-8))
     image = np.round(image * 255).astype(np.uint8)
     return _with_colorbar(image, near, far) if colorbar else image
 

@@ -319,3 +319,24 @@ def test_test_py_failing_to_write_mid_run_names_the_folder(tiny_dataset, tmp_pat
         srn_test.main(['--data_root', str(tiny_dataset / 'train'), '--checkpoint_path', str(run / 'checkpoints'),
                        '--logging_root', str(tmp_path / 'eval'), '--img_sidelength', '8', '--tracing_steps', '2',
                        '--device', 'cpu', '--no_progress'])
+
+
+def test_a_diverged_models_images_convert_without_warnings():
+    """NaN and infinities in a rendered image or depth map (a diverged run's TensorBoard images, test.py's
+    outputs) convert to uint8 quietly: NaN colour black, infinities the end of the range they lie past, and
+    non-finite foreground depths black, left out of the depth range of the finite ones."""
+    import warnings
+    import numpy as np
+    nan, inf = float('nan'), float('inf')
+    rgb = torch.tensor([[[nan, inf, -inf], [0., 1., -1.]]])  # (1, 2, 3)
+    depth = np.array([[1., nan], [inf, 3.]])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        image = util.to_uint8_image(rgb)
+        preview = util.colorize_depth(depth, np.ones((2, 2), dtype=bool), colorbar=False)
+    np.testing.assert_array_equal(image, [[[0, 255, 0], [128, 255, 0]]])
+    assert (preview[0, 1] == 0).all() and (preview[1, 0] == 0).all()
+    finite = util.colorize_depth(np.array([[1., 5.], [5., 3.]]), np.array([[1, 0], [0, 1]], dtype=bool),
+                                 colorbar=False)
+    np.testing.assert_array_equal(preview[0, 0], finite[0, 0])  # the near end of the finite depths' range
+    np.testing.assert_array_equal(preview[1, 1], finite[1, 1])  # the far end
