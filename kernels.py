@@ -289,8 +289,9 @@ if triton is not None:
         tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_hidden_layer_bwd_weights',
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
-                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3)),
+                                      ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 4),
+                                      ({'BLOCK_N': 64, 'BLOCK_R': 32}, 4, 4), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
+                                      ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4)),
                      key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])
     @triton.jit
     def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS, C: tl.constexpr,
@@ -322,6 +323,15 @@ if triton is not None:
             bias_acc += tl.sum(d.to(tl.float32), axis=0)
         tl.store(dw_ptr + part * C * C + ns[:, None] * C + cols[None, :], acc.to(dw_ptr.dtype.element_ty))
         tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
+
+    # The same kernel for float32 operands (the kernels' checks against the exact path). A (BLOCK_R, C) tile of x
+    # is twice the bytes there, and the candidates above need up to 256 KB of shared memory, past the 227 KB of
+    # an H100's multiprocessor (160 KB on an A100): these need at most 160 KB.
+    _hidden_layer_bwd_weights_f32 = triton.autotune(
+        configs=_configs('_hidden_layer_bwd_weights_f32',
+                         ({'BLOCK_N': 64, 'BLOCK_R': 32}, 4, 3), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 2),
+                         ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 2)),
+        key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])(_hidden_layer_bwd_weights.fn)
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
                                       ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4),
@@ -462,8 +472,8 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
 
     def grid(meta):
         return (triton.cdiv(channels, meta['BLOCK_N']), batch_size * splits)
-    _launch(_hidden_layer_bwd_weights)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels,
-                                             PRECISION=_precision(dtype))
+    kernel = _hidden_layer_bwd_weights_f32 if dpre.element_size() > 2 else _hidden_layer_bwd_weights
+    _launch(kernel)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels, PRECISION=_precision(dtype))
     if splits == 1:
         return dw, db
     return (dw.view(batch_size, splits, channels, channels).sum(1).to(dtype),

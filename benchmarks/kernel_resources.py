@@ -7,7 +7,7 @@ products; HMMA: the older warp-level ones). A candidate over the multiprocessor'
 one that spills moves its registers through local memory: both are worth knowing before a GPU is at hand.
 
     python benchmarks/kernel_resources.py [--arch 90] [--kernels _hidden_layer_fwd,...] [--first] [--compiled]
-                                          [--out F.json]
+                                          [--float32] [--out F.json]
 
 With --compiled, float arguments (LayerNorm's eps) are compiled as fp64, as torch.compile launches the kernels (it
 types a Python float fp64), where Triton's own launcher types it fp32.
@@ -35,22 +35,24 @@ BF16, F32 = torch.bfloat16, torch.float32
 N, B, C, EPS = 4096, 64, 256, 1e-5
 
 
-def launches():
+def launches(dtype=BF16):
     """(kernel name, positional argument dtypes or values, constants) for every way kernels.phi launches each
-    kernel in bfloat16 on phi's layout (every layer normalised)."""
-    rows = N
+    kernel in ``dtype`` (bfloat16, or float32 with IEEE products, as the kernels' checks do) on phi's layout
+    (every layer normalised)."""
+    rows, precision, BF16 = N, 'tf32' if dtype != F32 else 'ieee', dtype
     fwd_args = (BF16, BF16, BF16, BF16, F32, BF16, N, rows)
     out = [('_input_layer_fwd', (F32, F32, F32, F32, BF16, N, rows, EPS), dict(C=C, KEEP=keep))
            for keep in (True, False)]
     for last, keep in ((False, True), (True, True), (False, False), (True, False)):
-        flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION='tf32')
+        flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION=precision)
         out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
     for above in (True, False):
         out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
-                    dict(C=C, ABOVE=above, PRECISION='tf32')))
-    out.append(('_hidden_layer_bwd_weights', (BF16, BF16, BF16, BF16, N, rows, N), dict(C=C, PRECISION='tf32')))
+                    dict(C=C, ABOVE=above, PRECISION=precision)))
+    weights = '_hidden_layer_bwd_weights' if dtype != F32 else '_hidden_layer_bwd_weights_f32'
+    out.append((weights, (BF16, BF16, BF16, BF16, N, rows, N), dict(C=C, PRECISION=precision)))
     out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
-                dict(C=C, ROWS=256, PRECISION='tf32')))
+                dict(C=C, ROWS=256, PRECISION=precision)))
     return out
 
 
@@ -126,16 +128,16 @@ def compile_candidate(kernel, args, constants, config, float_type='fp32'):
     return dict(shared=compiled.metadata.shared, registers=registers, stack=stack, hgmma=hgmma, hmma=hmma)
 
 
-def report(arch=90, names=None, first_only=False, float_type='fp32'):
+def report(arch=90, names=None, first_only=False, float_type='fp32', dtype=BF16):
     """Every candidate (or only the first, which runs when autotuning is off) of the kernels ``names`` (all by
-    default), compiled for sm_``arch``, float arguments as ``float_type`` ('fp64': as torch.compile launches them):
-    a list of dicts, one a candidate and way of launching the kernel."""
+    default), compiled for sm_``arch``, float arguments as ``float_type`` ('fp64': as torch.compile launches them),
+    for operands of ``dtype``: a list of dicts, one a candidate and way of launching the kernel."""
     if os.environ.get('TRITON_INTERPRET') == '1':
         raise RuntimeError('kernel_resources.py compiles the kernels: unset TRITON_INTERPRET')
     import kernels
     rows = []
     with offline_driver(arch):
-        for name, args, constants in launches():
+        for name, args, constants in launches(dtype):
             if names and name not in names:
                 continue
             configs = kernels.CANDIDATES[name][:1] if first_only else kernels.CANDIDATES[name]
@@ -159,10 +161,12 @@ def main(argv=None):
     parser.add_argument('--first', action='store_true', help='only the first candidate of each kernel')
     parser.add_argument('--compiled', action='store_true',
                         help='float arguments (eps) as torch.compile passes them, fp64, not fp32 as Triton does')
+    parser.add_argument('--float32', action='store_true',
+                        help='float32 operands with IEEE products (the kernels\' checks), not bfloat16')
     parser.add_argument('--out', default='', help='also write the rows as JSON here')
     args = parser.parse_args(argv)
     rows = report(args.arch, [n for n in args.kernels.split(',') if n], args.first,
-                  'fp64' if args.compiled else 'fp32')
+                  'fp64' if args.compiled else 'fp32', F32 if args.float32 else BF16)
     for row in rows:
         meta = ' '.join(f'{k}={v}' for k, v in row.items()
                         if k not in ('kernel', 'candidate', 'shared', 'registers', 'stack', 'hgmma', 'hmma', 'fits',
