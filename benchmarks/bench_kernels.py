@@ -80,8 +80,10 @@ def main(argv=None):
          lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=False, PRECISION='tf32'), 3 * act_bytes, 0),
     ]
     # The weight gradients over runs of split_rows rows (one program per observation, block of dW rows and run),
-    # their float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel.
-    for split_rows in (512, 1024, 2048, N):
+    # their float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel, and
+    # the sweep includes the runs kernels.phi takes on this GPU (kernels._weight_splits).
+    chosen = triton_cdiv(triton_cdiv(N, kernels._weight_splits(B, N, torch.device(dev))), 64) * 64
+    for split_rows in sorted({512, 1024, 2048, chosen, N}):
         splits = triton_cdiv(N, split_rows)
         share = torch.float32 if splits > 1 else bf16
         dw_share = torch.empty(B * splits, C, C, device=dev, dtype=share)
