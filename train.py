@@ -435,7 +435,9 @@ def depth_images(depth, target):
 
 
 def image_grid(images, ncol=None):
-    """(B, C, H, W) in [0, 1] -> (C, rows*H, ncol*W), a plain tiling (no torchvision dependency)."""
+    """(B, C, H, W) in [0, 1] -> (C, rows*H, ncol*W), a plain tiling (no torchvision dependency). A diverged
+    model's NaN comes out black and infinities as the end of the range they lie past, so TensorBoard gets no NaN."""
+    images = torch.nan_to_num(images, nan=0., posinf=1., neginf=0.).clamp(0, 1)
     batch, channels, height, width = images.shape
     ncol = ncol or batch
     nrow = -(-batch // ncol)

@@ -323,7 +323,7 @@ def test_test_py_failing_to_write_mid_run_names_the_folder(tiny_dataset, tmp_pat
 
 def test_a_diverged_models_images_convert_without_warnings():
     """NaN and infinities in a rendered image or depth map (a diverged run's TensorBoard images, test.py's
-    outputs) convert to uint8 quietly: NaN colour black, infinities the end of the range they lie past, and
+    outputs) convert quietly: NaN colour black, infinities the end of the range they lie past, and
     non-finite foreground depths black, left out of the depth range of the finite ones."""
     import warnings
     import numpy as np
@@ -340,3 +340,5 @@ def test_a_diverged_models_images_convert_without_warnings():
                                  colorbar=False)
     np.testing.assert_array_equal(preview[0, 0], finite[0, 0])  # the near end of the finite depths' range
     np.testing.assert_array_equal(preview[1, 1], finite[1, 1])  # the far end
+    grid = train.image_grid(torch.tensor([nan, inf, -inf, 0.5, 2.]).reshape(5, 1, 1, 1))  # TensorBoard's images
+    torch.testing.assert_close(grid, torch.tensor([[[0., 1., 0., 0.5, 1.]]]))
