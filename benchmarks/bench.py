@@ -27,6 +27,8 @@ Variants:
               kernels, with its autotuning of matrix products (templates that fuse neighbouring elementwise work)
               or with both
   fast_budget03, fast_budget01   fast with activation memory budget 0.3 or 0.1 (more recomputation)
+  fast_lstm, fused_lstm   fast / fused with the ray marcher's LSTM cell written out in tensor operations
+              (ComposedLSTMCell, same parameters) for the compiler to fuse, instead of PyTorch's own cell kernels
 (Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
 "fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
@@ -76,6 +78,36 @@ VARIANTS.update({
     'fast_budget03': dict(VARIANTS['fast'], memory_budget=0.3),
     'fast_budget01': dict(VARIANTS['fast'], memory_budget=0.1),
 })
+VARIANTS.update({f'{name}_lstm': dict(VARIANTS[name], composed_lstm=True) for name in ('fast', 'fused')})
+
+
+class ComposedLSTMCell(torch.nn.Module):
+    """``nn.LSTMCell``'s function (gate order i, f, g, o) in tensor operations, on the given cell's own parameters.
+
+    PyTorch's cell runs as kernels of its own that the compiler cannot fuse with its neighbours; its backward sums
+    the gate gradients over every ray for the bias gradient in a separate reduction (in the fused step's profile
+    a bfloat16 ``reduce_kernel``, 10 a step at 77.5 us, is likely that sum). Written out, the compiler can fuse the
+    gate arithmetic with the products' epilogues and that sum with the gates' backward.
+    """
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, state=None):
+        cell = self.cell
+        gates = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih)  # (M, 4 * hidden)
+        if state is None:  # PyTorch's cell starts from zeros
+            gates = gates + cell.bias_hh
+            c = None
+        else:
+            h, c = state
+            gates = gates + torch.nn.functional.linear(h, cell.weight_hh, cell.bias_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_next = torch.sigmoid(i) * torch.tanh(g)
+        if c is not None:
+            c_next = c_next + torch.sigmoid(f) * c
+        return torch.sigmoid(o) * torch.tanh(c_next), c_next
 
 
 def make_batch(sidelength, batch_size, num_instances, device, seed=0, rays_per_view=None):
@@ -130,6 +162,8 @@ def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=No
     model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10,
                            tracing_grad_steps=options.get('tracing_grad_steps', 0)).to(device)
     model.use_fused_kernels(options.get('fused', False))
+    if options.get('composed_lstm'):
+        model.ray_marcher.lstm = ComposedLSTMCell(model.ray_marcher.lstm)
     fused_adam = options['compile'] or options['amp'] is not None
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=fused_adam)
     model_input, target = make_batch(sidelength, batch_size, 2433, device, rays_per_view=rays_per_view)

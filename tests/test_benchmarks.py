@@ -157,3 +157,28 @@ def test_the_table_takes_a_run_folder_or_a_record(tmp_path):
                  [str(tmp_path), '--plot', str(tmp_path / 'p.png')], ['--record', str(tmp_path / 'none.csv')]):
         with pytest.raises(SystemExit):
             time_to_quality_table.main(argv)
+
+
+def test_the_composed_lstm_cell_is_pytorchs_cell():
+    """bench.py's ComposedLSTMCell (variants fast_lstm, fused_lstm) computes nn.LSTMCell's function on the same
+    parameters: three steps from no state, outputs and every gradient, float32."""
+    import torch
+    import bench
+    import custom_layers
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(32, 16)
+    custom_layers.lstm_forget_gate_init(cell)
+    composed = bench.ComposedLSTMCell(cell)
+    xs = torch.randn(3, 50, 32, requires_grad=True)
+
+    def run(module):
+        state, outputs = None, []
+        for x in xs:
+            state = module(x, state)
+            outputs += list(state)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outputs)
+        grads = torch.autograd.grad(loss, [xs, *cell.parameters()])
+        return outputs, grads
+    (ours, our_grads), (theirs, their_grads) = run(composed), run(cell)
+    for value, expected in zip([*ours, *our_grads], [*theirs, *their_grads]):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
