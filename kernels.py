@@ -325,8 +325,8 @@ if triton is not None:
         tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
 
     # The same kernel for float32 operands (the kernels' checks against the exact path). A (BLOCK_R, C) tile of x
-    # is twice the bytes there, and the candidates above need up to 256 KB of shared memory, past the 227 KB of
-    # an H100's multiprocessor (160 KB on an A100): these need at most 160 KB.
+    # is twice the bytes there, and the candidates above need up to 352 KB of shared memory, past the 227 KB of
+    # an H100's multiprocessor (163 KB on an A100): these need at most 144 KB (kernel_resources.py --float32).
     _hidden_layer_bwd_weights_f32 = triton.autotune(
         configs=_configs('_hidden_layer_bwd_weights_f32',
                          ({'BLOCK_N': 64, 'BLOCK_R': 32}, 4, 3), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 2),

@@ -39,19 +39,19 @@ def launches(dtype=BF16):
     """(kernel name, positional argument dtypes or values, constants) for every way kernels.phi launches each
     kernel in ``dtype`` (bfloat16, or float32 with IEEE products, as the kernels' checks do) on phi's layout
     (every layer normalised)."""
-    rows, precision, BF16 = N, 'tf32' if dtype != F32 else 'ieee', dtype
-    fwd_args = (BF16, BF16, BF16, BF16, F32, BF16, N, rows)
-    out = [('_input_layer_fwd', (F32, F32, F32, F32, BF16, N, rows, EPS), dict(C=C, KEEP=keep))
+    rows, precision, ACT = N, 'tf32' if dtype != F32 else 'ieee', dtype  # ACT: the activations' dtype
+    fwd_args = (ACT, ACT, ACT, ACT, F32, ACT, N, rows)
+    out = [('_input_layer_fwd', (F32, F32, F32, F32, ACT, N, rows, EPS), dict(C=C, KEEP=keep))
            for keep in (True, False)]
     for last, keep in ((False, True), (True, True), (False, False), (True, False)):
         flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION=precision)
         out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
     for above in (True, False):
-        out.append(('_hidden_layer_bwd', (BF16, BF16, BF16, F32, BF16, N, rows),
+        out.append(('_hidden_layer_bwd', (ACT, ACT, ACT, F32, ACT, N, rows),
                     dict(C=C, ABOVE=above, PRECISION=precision)))
     weights = '_hidden_layer_bwd_weights' if dtype != F32 else '_hidden_layer_bwd_weights_f32'
-    out.append((weights, (BF16, BF16, BF16, BF16, N, rows, N), dict(C=C, PRECISION=precision)))
-    out.append(('_input_layer_bwd', (BF16, BF16, F32, F32, F32, F32, F32, F32, F32, N, rows),
+    out.append((weights, (ACT, ACT, ACT, ACT, N, rows, N), dict(C=C, PRECISION=precision)))
+    out.append(('_input_layer_bwd', (ACT, ACT, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION=precision)))
     return out
 
