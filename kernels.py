@@ -403,6 +403,14 @@ def _weight_splits(batch_size, num_points, device):
     return max(1, min(wanted, -(-num_points // WEIGHT_ROWS)))
 
 
+def _split_rows(batch_size, num_points, device, split_rows=None):
+    """The rows of a run of the weight gradients (default: ``_weight_splits`` runs an observation), rounded up to
+    whole BLOCK_R steps of every candidate, as the kernel needs."""
+    if split_rows is None:
+        split_rows = triton.cdiv(num_points, _weight_splits(batch_size, num_points, device))
+    return triton.cdiv(split_rows, 64) * 64
+
+
 def _launch(kernel):
     """A kernel launcher torch.compile can trace (``wrap_triton``), or the kernel itself."""
     wrap = getattr(torch.library, 'wrap_triton', None)
@@ -462,9 +470,7 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
     """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C), in
     runs of ``split_rows`` rows an observation (default: ``_weight_splits`` runs)."""
     batch_size, num_points, channels = dpre.shape
-    if split_rows is None:
-        split_rows = triton.cdiv(num_points, _weight_splits(batch_size, num_points, dpre.device))
-    split_rows = triton.cdiv(split_rows, 64) * 64  # whole BLOCK_R steps of every candidate
+    split_rows = _split_rows(batch_size, num_points, dpre.device, split_rows)
     splits = triton.cdiv(num_points, split_rows)
     share_dtype = dtype if splits == 1 else torch.float32
     dw = torch.empty(batch_size * splits, channels, channels, device=dpre.device, dtype=share_dtype)

@@ -82,7 +82,7 @@ def main(argv=None):
     # The weight gradients over runs of split_rows rows (one program per observation, block of dW rows and run),
     # their float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel, and
     # the sweep includes the runs kernels.phi takes on this GPU (kernels._weight_splits).
-    chosen = triton_cdiv(triton_cdiv(N, kernels._weight_splits(B, N, torch.device(dev))), 64) * 64
+    chosen = kernels._split_rows(B, N, torch.device(dev))
     for split_rows in sorted({512, 1024, 2048, chosen, N}):
         splits = triton_cdiv(N, split_rows)
         share = torch.float32 if splits > 1 else bf16
