@@ -345,8 +345,9 @@ def colorize_depth(depth, foreground, colorbar=True):
     """
     depth, foreground = np.asarray(depth, dtype=np.float64), np.asarray(foreground, dtype=bool)
     image = np.ones(depth.shape + (3,))
-    image[foreground & ~np.isfinite(depth)] = 0.
-    foreground = foreground & np.isfinite(depth)
+    finite = np.isfinite(depth)
+    image[foreground & ~finite] = 0.
+    foreground = foreground & finite
     near = far = None
     if foreground.any():
         near, far = np.percentile(depth[foreground], 1), np.percentile(depth[foreground], 99)

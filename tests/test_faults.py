@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -325,8 +327,6 @@ def test_a_diverged_models_images_convert_without_warnings():
     """NaN and infinities in a rendered image or depth map (a diverged run's TensorBoard images, test.py's
     outputs) convert quietly: NaN colour black, infinities the end of the range they lie past, and
     non-finite foreground depths black, left out of the depth range of the finite ones."""
-    import warnings
-    import numpy as np
     nan, inf = float('nan'), float('inf')
     rgb = torch.tensor([[[nan, inf, -inf], [0., 1., -1.]]])  # (1, 2, 3)
     depth = np.array([[1., nan], [inf, 3.]])
