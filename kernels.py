@@ -17,9 +17,7 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
   pipeline: benchmarks/NOTES.md, rounds 3 and 4.)
 - backward, per layer from the top: the layer above's d(pre-activation) through its W, then LayerNorm's backward
   (gated by the ReLU), in one pass that stores only this layer's d(pre-activation) dpre; then the weight gradient
-  ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards. Below
-  the top layer the two are one kernel (``_hidden_layer_bwd_and_weights``): the weight gradient of layer i and the
-  d(pre-activation) of layer i - 1 read the same two tensors (layer i's dpre and its input), so it reads them once.
+  ``dpre^T @ relu(x_prev)`` with the bias gradient in a second kernel, over runs of rows summed afterwards.
 
 A persistent variant (a program a run of rows of one observation, W loaded into shared memory once) was
 tried and measured slower in training: benchmarks/NOTES.md, round 7.
@@ -335,69 +333,6 @@ if triton is not None:
                          ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 2)),
         key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])(_hidden_layer_bwd_weights.fn)
 
-    @triton.autotune(configs=_configs('_hidden_layer_bwd_and_weights',
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 64, 'BLOCK_K': 64}, 8, 3),
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 64, 'BLOCK_K': 32}, 8, 4),
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 64, 'BLOCK_K': 64}, 8, 2),
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 32, 'BLOCK_K': 64}, 8, 3),
-                                      ({'BLOCK_N': 64, 'BLOCK_R': 64, 'BLOCK_K': 64}, 8, 4)),
-                     key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])
-    @triton.jit
-    def _hidden_layer_bwd_and_weights(dpre_ptr, w_ptr, x_ptr, rstd_ptr, dw_ptr, db_ptr, below_ptr, N, ROWS_KEY,
-                                      SPLIT_ROWS, C: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """A hidden layer's weight gradients and the layer below's dpre in one pass over the two tensors both read:
-        this layer's dpre (B, N, C) and its input x (B, N, C), the layer below's xhat (whose 1/std is rstd, (B, N)).
-
-        What ``_hidden_layer_bwd_weights`` computes (its grid, runs of rows and shares: dW rows ns of one run a
-        program), and what ``_hidden_layer_bwd`` with ABOVE computes (below = LayerNorm/ReLU backward of dpre @ W,
-        stored in ``below_ptr``), divided among the run's C // BLOCK_N programs: in each group of C // BLOCK_N tiles
-        of BLOCK_R rows, program pid_n forms the layer below's dpre of the pid_n-th tile, then adds the whole
-        group to its rows of dW. The group's tiles are read by all of the run's programs at about the same time,
-        so they come from memory about once (then from L2). SPLIT_ROWS must be a multiple of the group's rows.
-        """
-        pid_n, part = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b = part // tl.cdiv(N, SPLIT_ROWS)
-        first = (part % tl.cdiv(N, SPLIT_ROWS)) * SPLIT_ROWS
-        GROUP: tl.constexpr = C // BLOCK_N * BLOCK_R
-        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, C)
-        acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-        bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g0 in range(0, SPLIT_ROWS, GROUP):
-            rows = first + g0 + pid_n * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's tile of the group
-            row_ok = rows < N
-            grad = _grad_from_above(dpre_ptr, w_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_R, BLOCK_K)
-            grad = grad.to(x_ptr.dtype.element_ty).to(tl.float32)
-            # LayerNorm/ReLU backward, xhat read twice (the second time from cache) rather than held in registers
-            tile = b * N * C + rows[:, None] * C + cols[None, :]
-            xhat = tl.load(x_ptr + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-            grad = tl.where(xhat > 0, grad, 0.)
-            mean_grad = tl.sum(grad, axis=1) / C
-            mean_grad_xhat = tl.sum(grad * xhat, axis=1) / C
-            rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
-            xhat = tl.load(x_ptr + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-            below = rstd[:, None] * (grad - mean_grad[:, None] - xhat * mean_grad_xhat[:, None])
-            tl.store(below_ptr + tile, below.to(below_ptr.dtype.element_ty), mask=row_ok[:, None])
-            for r0 in range(0, GROUP, BLOCK_R):
-                rs = first + g0 + r0 + tl.arange(0, BLOCK_R)
-                rs_ok = rs < N
-                d = tl.load(dpre_ptr + b * N * C + rs[:, None] * C + ns[None, :], mask=rs_ok[:, None],
-                            other=0.)  # (BLOCK_R, BLOCK_N)
-                x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=rs_ok[:, None], other=0.)
-                x = tl.where(x > 0, x, 0.).to(d.dtype)  # the previous layer's ReLU
-                acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION)
-                bias_acc += tl.sum(d.to(tl.float32), axis=0)
-        tl.store(dw_ptr + part * C * C + ns[:, None] * C + cols[None, :], acc.to(dw_ptr.dtype.element_ty))
-        tl.store(db_ptr + part * C + ns, bias_acc.to(db_ptr.dtype.element_ty))
-
-    # float32 operands (the checks against the exact path): tiles of half the rows, within an H100's shared memory
-    _hidden_layer_bwd_and_weights_f32 = triton.autotune(
-        configs=_configs('_hidden_layer_bwd_and_weights_f32',
-                         ({'BLOCK_N': 64, 'BLOCK_R': 32, 'BLOCK_K': 32}, 8, 2),
-                         ({'BLOCK_N': 128, 'BLOCK_R': 32, 'BLOCK_K': 32}, 8, 2)),
-        key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])(_hidden_layer_bwd_and_weights.fn)
-
     @triton.autotune(configs=_configs('_input_layer_bwd',
                                       ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 3),
                                       ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 8, 4),
@@ -446,9 +381,6 @@ if triton is not None:
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
-# Below the top layer, each hidden layer's weight gradients and the next layer down's dpre in one kernel
-# (``_hidden_layer_bwd_and_weights``), which reads the two tensors both need once; False: a kernel each.
-FUSE_WEIGHT_GRADIENTS = True
 # The hidden layers' weight gradients run a program per block of dW rows and observation: at 64 px (B 64, N 4096)
 # 128 programs for the H100's 132 multiprocessors, each over all of its observation's rows. With fewer observations
 # (128 px: B 16, N 16384) the rows are split into runs, about a program a multiprocessor, of at least WEIGHT_ROWS
@@ -470,20 +402,12 @@ def _weight_splits(batch_size, num_points, device):
     return max(1, min(wanted, -(-num_points // WEIGHT_ROWS)))
 
 
-def _split_rows(batch_size, num_points, device, split_rows=None, multiple=64):
+def _split_rows(batch_size, num_points, device, split_rows=None):
     """The rows of a run of the weight gradients (default: ``_weight_splits`` runs an observation), rounded up to
-    a ``multiple``: whole BLOCK_R steps of every candidate (64), or whole groups of the fused kernel's tiles."""
+    whole BLOCK_R steps of every candidate, as the kernel needs."""
     if split_rows is None:
         split_rows = triton.cdiv(num_points, _weight_splits(batch_size, num_points, device))
-    return triton.cdiv(split_rows, multiple) * multiple
-
-
-def _group_rows(channels):
-    """The rows of the largest group of tiles among ``_hidden_layer_bwd_and_weights``'s candidates (C // BLOCK_N
-    tiles of BLOCK_R rows): its runs of rows are a multiple of it."""
-    return max(channels // config.kwargs['BLOCK_N'] * config.kwargs['BLOCK_R']
-               for name in ('_hidden_layer_bwd_and_weights', '_hidden_layer_bwd_and_weights_f32')
-               for config in CANDIDATES[name])
+    return triton.cdiv(split_rows, 64) * 64
 
 
 def _launch(kernel):
@@ -561,37 +485,13 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
             db.view(batch_size, splits, channels).sum(1).to(dtype))
 
 
-def _weight_gradients_and_below(dpre, w, x, rstd, dtype, rows_key, split_rows=None):
-    """A hidden layer's dW (B, C, C) and db (B, C), as ``_weight_gradients``, and the layer below's dpre (B, N, C), as
-    ``_hidden_layer_bwd`` with ABOVE, in one kernel: from this layer's dpre and weights w, and its input x, the
-    layer below's xhat, with that layer's 1/std (B, N)."""
-    batch_size, num_points, channels = dpre.shape
-    split_rows = _split_rows(batch_size, num_points, dpre.device, split_rows, _group_rows(channels))
-    splits = triton.cdiv(num_points, split_rows)
-    share_dtype = dtype if splits == 1 else torch.float32
-    dw = torch.empty(batch_size * splits, channels, channels, device=dpre.device, dtype=share_dtype)
-    db = torch.empty(batch_size * splits, channels, device=dpre.device, dtype=share_dtype)
-    below = torch.empty_like(dpre)
-
-    def grid(meta):
-        return (triton.cdiv(channels, meta['BLOCK_N']), batch_size * splits)
-    kernel = _hidden_layer_bwd_and_weights_f32 if dpre.element_size() > 2 else _hidden_layer_bwd_and_weights
-    _launch(kernel)[grid](dpre, w, x, rstd, dw, db, below, num_points, rows_key, split_rows, C=channels,
-                          PRECISION=_precision(dtype))
-    if splits > 1:
-        dw = dw.view(batch_size, splits, channels, channels).sum(1).to(dtype)
-        db = db.view(batch_size, splits, channels).sum(1).to(dtype)
-    return dw, db, below
-
-
 def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
     """[dx, dW_0, db_0, dW_1, db_1, ...] for the loss gradient ``grad_v`` (B, N, C) of phi's output, from the
     layers' weights and biases and what the forward kept: the input layer's row statistics, xhat of the input layer
     and of the normalised hidden layers, and their 1/std.
 
     From the top: each layer's d(pre-activation) dpre (B, N, C), formed from the one above it (one pass a layer:
-    ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``), both
-    in one kernel where FUSE_WEIGHT_GRADIENTS (``_weight_gradients_and_below``); the
+    ``_hidden_layer_bwd``), then the weight gradients from dpre and the layer's input (``_weight_gradients``); the
     input layer's pass forms its own from the first hidden layer's dpre, and its xhat again (float32) from the
     points and its row statistics. It needs no LayerNorm epsilon: every 1/std it uses was stored by the forward."""
     batch_size, num_points, channels = grad_v.shape
@@ -610,10 +510,6 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
         dpre = grad_v.to(dtype)
     grads = []
     for i in range(top, 0, -1):
-        if i > 1 and FUSE_WEIGHT_GRADIENTS:
-            dw, db, dpre = _weight_gradients_and_below(dpre, weights[i], xhats[i - 1], rstds[i - 2], dtype, rows_key)
-            grads = [dw, db, *grads]
-            continue
         grads = [*_weight_gradients(dpre, xhats[i - 1], dtype, rows_key), *grads]
         if i > 1:
             below = empty_rows(channels)

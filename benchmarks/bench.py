@@ -29,8 +29,6 @@ Variants:
   fast_budget03, fast_budget01   fast with activation memory budget 0.3 or 0.1 (more recomputation)
   fast_lstm, fused_lstm   fast / fused with the ray marcher's LSTM cell written out in tensor operations
               (ComposedLSTMCell, same parameters) for the compiler to fuse, instead of PyTorch's own cell kernels
-  fused_apart fused with each hidden layer's weight gradient in a kernel of its own, not together with the
-              layer below's backward (kernels.FUSE_WEIGHT_GRADIENTS = False; what fused was before round 10)
 (Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
 "fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
@@ -46,7 +44,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import geometry  # noqa: E402
-import kernels  # noqa: E402
 import srns  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
@@ -82,8 +79,6 @@ VARIANTS.update({
     'fast_budget01': dict(VARIANTS['fast'], memory_budget=0.1),
 })
 VARIANTS.update({f'{name}_lstm': dict(VARIANTS[name], composed_lstm=True) for name in ('fast', 'fused')})
-# fused with each hidden layer's weight gradient in a kernel of its own (kernels.FUSE_WEIGHT_GRADIENTS off)
-VARIANTS['fused_apart'] = dict(VARIANTS['fused'], fuse_weight_gradients=False)
 
 
 class ComposedLSTMCell(torch.nn.Module):
@@ -155,12 +150,8 @@ def time_cuda(fn, warmup, repeats):
 
 def bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):
     import torch._inductor.config as inductor_config
-    kernels.FUSE_WEIGHT_GRADIENTS = options.get('fuse_weight_gradients', True)
-    try:
-        with inductor_config.patch(options.get('inductor', {})):
-            return _bench_variant(name, options, sidelength, batch_size, args, rays_per_view)
-    finally:
-        kernels.FUSE_WEIGHT_GRADIENTS = True
+    with inductor_config.patch(options.get('inductor', {})):
+        return _bench_variant(name, options, sidelength, batch_size, args, rays_per_view)
 
 
 def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=None):

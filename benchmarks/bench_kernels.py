@@ -96,23 +96,6 @@ def main(argv=None):
         report(f'kernels._weight_gradients (split {split_rows}, autotuned, shares summed)',
                do_bench(lambda split_rows=split_rows: kernels._weight_gradients(act, act2, bf16, N, split_rows)),
                2 * act_bytes, flops)
-    # A hidden layer's weight gradients and the layer below's dpre in one kernel (kernels.FUSE_WEIGHT_GRADIENTS):
-    # reads dpre and x (2 activations), writes the dpre below (1); the two products of the pair above.
-    group = kernels._group_rows(C)
-    for split_rows in sorted({kernels._split_rows(B, N, torch.device(dev), multiple=group), N}):
-        splits = triton_cdiv(N, split_rows)
-        share = torch.float32 if splits > 1 else bf16
-        dw_share = torch.empty(B * splits, C, C, device=dev, dtype=share)
-        db_share = torch.empty(B * splits, C, device=dev, dtype=share)
-        cases.append((f'_hidden_layer_bwd_and_weights (split {split_rows})', kernels._hidden_layer_bwd_and_weights,
-                      lambda meta, splits=splits: (C // meta['BLOCK_N'], B * splits),
-                      lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
-                          (act, w, act2, rstd, dw_share, db_share, out, N, N, split_rows),
-                      dict(C=C, PRECISION='tf32'), 3 * act_bytes, 2 * flops))
-        report(f'kernels._weight_gradients_and_below (split {split_rows}, autotuned)',
-               do_bench(lambda split_rows=split_rows:
-                        kernels._weight_gradients_and_below(act, w, act2, rstd, bf16, N, split_rows)),
-               3 * act_bytes, 2 * flops)
     for name, autotuned, grid, make_args, constants, bytes_moved, flop in cases:
         for config in kernels.CANDIDATES[name.split()[0]]:
             meta = dict(config.kwargs)
@@ -160,11 +143,9 @@ def phi_evaluations(B, N, C, report):
     def pytorch(x_):
         return hyperlayers.HypoNetwork(layers)(x_)
     compiled = torch.compile(pytorch)
-    variants = [('pytorch eager', pytorch, True), ('pytorch compiled', compiled, True),
-                ('kernels', lambda x_: kernels.phi(x_, layers), True),
-                ('kernels, weight gradients in kernels of their own', lambda x_: kernels.phi(x_, layers), False)]
-    for name, fn, fuse in variants:
-        kernels.FUSE_WEIGHT_GRADIENTS = fuse
+    variants = [('pytorch eager', pytorch), ('pytorch compiled', compiled),
+                ('kernels', lambda x_: kernels.phi(x_, layers))]
+    for name, fn in variants:
         def forward():
             with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
                 return fn(x)
@@ -185,7 +166,6 @@ def phi_evaluations(B, N, C, report):
                    None, 3 * flops)
         except Exception as error:
             print(f'phi, {name}: failed: {str(error)[:300]}', flush=True)
-    kernels.FUSE_WEIGHT_GRADIENTS = True
 
 
 def triton_cdiv(a, b):

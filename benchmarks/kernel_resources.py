@@ -51,8 +51,6 @@ def launches(dtype=BF16):
                     dict(C=C, ABOVE=above, PRECISION=precision)))
     weights = '_hidden_layer_bwd_weights' if dtype != F32 else '_hidden_layer_bwd_weights_f32'
     out.append((weights, (ACT, ACT, ACT, ACT, N, rows, N), dict(C=C, PRECISION=precision)))
-    out.append(('_hidden_layer_bwd_and_weights' + ('_f32' if dtype == F32 else ''),
-                (ACT, ACT, ACT, F32, ACT, ACT, ACT, N, rows, N), dict(C=C, PRECISION=precision)))
     out.append(('_input_layer_bwd', (ACT, ACT, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION=precision)))
     return out
