@@ -32,7 +32,9 @@ hyperlayers.py stays the definition. Without Triton (CPU builds of PyTorch) ``av
 
 Shape vocabulary: ``B`` observations, ``N`` points per observation, ``C`` = 256 channels, ``K`` input channels.
 """
+import hashlib
 import os
+import pathlib
 import warnings
 
 import torch
@@ -42,6 +44,12 @@ try:
     import triton.language as tl
 except ImportError:  # CPU builds of PyTorch come without Triton; the PyTorch path is used then
     triton = None
+
+# A fingerprint of this file, passed to the custom operators below as an argument they do not use. torch.compile
+# caches compiled graphs on disk by what its graph holds, where these operators are calls by name: without it, a graph
+# compiled with an earlier kernels.py (an upgrade, an edit) came back from the cache, kernels and all
+# (benchmarks/NOTES.md, round 10).
+SOURCE_KEY = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
 
 # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly), which is how the tests check them without a GPU.
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
@@ -533,21 +541,22 @@ def _register():
     """The forward and backward as custom operators with autograd, which torch.compile traces into."""
     @torch.library.triton_op('srn::phi_forward', mutates_args=())
     def _phi_forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                     eps: float, normalize_last: bool) -> list[torch.Tensor]:
+                     eps: float, normalize_last: bool, source: str) -> list[torch.Tensor]:
         return _phi_forward_impl(x, weights, biases, eps, normalize_last)
 
     @torch.library.triton_op('srn::phi_inference', mutates_args=())
     def _phi_inference(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                       eps: float, normalize_last: bool) -> torch.Tensor:
+                       eps: float, normalize_last: bool, source: str) -> torch.Tensor:
         return _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=False)[0]
 
     @torch.library.triton_op('srn::phi_backward', mutates_args=())
     def _phi_backward(grad_v: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor]) -> list[torch.Tensor]:
+                      stats: torch.Tensor, xhats: list[torch.Tensor], rstds: list[torch.Tensor],
+                      source: str) -> list[torch.Tensor]:
         return _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds)
 
     def _setup_context(ctx, inputs, output):
-        x, weights, biases, _, normalize_last = inputs  # LayerNorm's eps: the backward needs none
+        x, weights, biases, _, normalize_last, _ = inputs  # LayerNorm's eps: the backward needs none
         hidden = len(weights) - 1
         num_norm = hidden if normalize_last else hidden - 1  # normalised hidden layers
         stats, xhats, rstds = output[1], output[2:3 + num_norm], output[3 + num_norm:]  # xhats[0]: input layer's
@@ -560,8 +569,8 @@ def _register():
         n, m = ctx.num_layers, ctx.num_norm
         x, stats, weights, biases = saved[0], saved[1], list(saved[2:2 + n]), list(saved[2 + n:2 + 2 * n])
         xhats, rstds = list(saved[2 + 2 * n:3 + 2 * n + m]), list(saved[3 + 2 * n + m:])
-        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds)
-        return flat[0], flat[1::2], flat[2::2], None, None
+        flat = _phi_backward(grads[0].contiguous(), x, weights, biases, stats, xhats, rstds, SOURCE_KEY)
+        return flat[0], flat[1::2], flat[2::2], None, None, None
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)
 
@@ -593,6 +602,6 @@ def phi(x, layers, eps=1e-5):
         biases += [b.to(dtype).reshape(x.shape[0], -1).contiguous() for _, b, _ in layers[1:]]
         x = x.float().contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
-            return torch.ops.srn.phi_forward(x, weights, biases, eps, layers[-1][2])[0]
+            return torch.ops.srn.phi_forward(x, weights, biases, eps, layers[-1][2], SOURCE_KEY)[0]
         # No backward to come (rendering, validation): the last layer stores phi's output alone.
-        return torch.ops.srn.phi_inference(x, weights, biases, eps, layers[-1][2])
+        return torch.ops.srn.phi_inference(x, weights, biases, eps, layers[-1][2], SOURCE_KEY)

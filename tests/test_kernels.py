@@ -19,6 +19,7 @@ Tolerances:
   single ones, while phi's weight gradients agreed with it to +-5% (benchmarks/NOTES.md). bfloat16 on the GPU;
   float16 in the interpreter, whose bfloat16 products are wrong.
 """
+import hashlib
 import pathlib
 import sys
 
@@ -178,6 +179,26 @@ def test_phi_with_its_weight_gradients_split_over_rows(monkeypatch):
     fused = phi_outputs_and_grads(hyper, z, x, grad_v, fused=False, direct=True)
     for name, reference in exact.items():
         assert relative_error(fused[name], reference) < 1e-5, name
+
+
+@requires_kernels
+@pytest.mark.parametrize('grad', [True, False])
+def test_phis_operators_carry_the_kernels_fingerprint(grad, monkeypatch):
+    """torch.compile caches compiled graphs on disk by what the graph holds, in which phi's operators are calls by
+    name with their arguments: each call carries kernels.SOURCE_KEY, a hash of kernels.py, so that a graph compiled
+    with another kernels.py is not taken from the cache (it was: benchmarks/NOTES.md, round 10)."""
+    hyper, z, x, _ = make_phi(num_points=20)
+    layers = [(w.detach().requires_grad_(grad), b.detach(), norm) for w, b, norm in hyper(z).layers]
+    name = 'phi_forward' if grad else 'phi_inference'
+    operator, calls = getattr(torch.ops.srn, name), []
+
+    def recorded(*args):
+        calls.append(args)
+        return operator(*args)
+    monkeypatch.setattr(torch.ops.srn, name, recorded)
+    kernels.phi(x, layers)
+    assert len(calls) == 1 and calls[0][-1] == kernels.SOURCE_KEY
+    assert kernels.SOURCE_KEY == hashlib.sha256(pathlib.Path(kernels.__file__).read_bytes()).hexdigest()[:16]
 
 
 @requires_kernels
