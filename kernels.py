@@ -342,9 +342,9 @@ if triton is not None:
         key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])(_hidden_layer_bwd_weights.fn)
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
-                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 3),
-                                      ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 8, 4),
-                                      ({'BLOCK_M': 16, 'BLOCK_K': 64}, 8, 3)),
+                                      ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4),
+                                      ({'BLOCK_M': 16, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 16, 'BLOCK_K': 32}, 4, 4),
+                                      ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4)),
                      key=['ROWS_KEY', 'C'])
     @triton.jit
     def _input_layer_bwd(dpre_above_ptr, w_above_ptr, stats_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
@@ -354,38 +354,39 @@ if triton is not None:
         first hidden layer's dpre and weights (its output gradient is formed here, ``_grad_from_above``) and the
         input layer's row statistics (B, N, 2), from which its xhat is formed again in float32; W0^T (B, 3, C).
 
-        The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic,
-        xhat in float32 multiply-adds as the forward formed it. dx and the shares are matrix products padded to 16
-        wide, in the products' PRECISION (TF32 in training, as PyTorch's float32 products of this layer under
-        --fast): with the points and a column of ones as xs (BLOCK_M, 16) and W0^T as w0 (16, C) (rows past 3 zero),
-        dx = dpre @ w0^T and [dW0^T; db; 0] += xs^T @ dpre. (As row and column sums of per-column vectors, before
-        round 10, the kernel spilled registers: benchmarks/NOTES.md.)
+        The shares (B, cdiv(N, ROWS), 3, C) and (B, cdiv(N, ROWS), C) are summed afterwards; float32 arithmetic.
+        Each tile's rows are summed as it is done, so the running sums are (C,) vectors, not (BLOCK_M, C) tiles.
         """
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, C)
-        k16 = tl.arange(0, 16)
-        w0_t = tl.trans(tl.load(w_ptr + b * 3 * C + k16[:, None] * C + cols[None, :], mask=k16[:, None] < 3,
-                                other=0.).to(tl.float32))  # (C, 16)
-        dwb = tl.zeros([16, C], dtype=tl.float32)  # rows 0-2: dW0^T, row 3: db
+        w0 = tl.load(w_ptr + b * 3 * C + cols).to(tl.float32)  # W0^T (B, 3, C)
+        w1 = tl.load(w_ptr + b * 3 * C + C + cols).to(tl.float32)
+        w2 = tl.load(w_ptr + b * 3 * C + 2 * C + cols).to(tl.float32)
+        dw0 = tl.zeros([C], dtype=tl.float32)
+        dw1 = tl.zeros([C], dtype=tl.float32)
+        dw2 = tl.zeros([C], dtype=tl.float32)
+        db = tl.zeros([C], dtype=tl.float32)
         for r0 in range(0, ROWS, BLOCK_M):
             rows = pid_m * ROWS + r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             grad = _grad_from_above(dpre_above_ptr, w_above_ptr, b, rows, row_ok, N, C, PRECISION, BLOCK_M,
                                     BLOCK_K)
-            xs = tl.load(x_ptr + b * N * 3 + rows[:, None] * 3 + k16[None, :],
-                         mask=row_ok[:, None] & (k16[None, :] < 3), other=0.)
-            xs = tl.where(k16[None, :] == 3, 1., xs)  # (BLOCK_M, 16): x, 1, zeros
             x0, x1, x2 = _points(x_ptr, b, rows, row_ok, N)
             mean, rstd = _input_layer_stats(stats_ptr, b, rows, row_ok, N)
             xhat = _input_layer_xhat(x0, x1, x2, w_ptr, b_ptr, mean, rstd, b, cols, C)
             dpre = _layer_norm_relu_bwd_of(grad, xhat, rstd, C)  # (BLOCK_M, C); rows past N are 0 (rstd 0)
-            dx = tl.dot(dpre, w0_t, input_precision=PRECISION)  # (BLOCK_M, 16): columns 0-2 are dx
-            tl.store(dx_ptr + b * N * 3 + rows[:, None] * 3 + k16[None, :], dx,
-                     mask=row_ok[:, None] & (k16[None, :] < 3))
-            dwb = tl.dot(tl.trans(xs), dpre, dwb, input_precision=PRECISION)
+            tl.store(dx_ptr + b * N * 3 + rows * 3, tl.sum(dpre * w0[None, :], axis=1), mask=row_ok)
+            tl.store(dx_ptr + b * N * 3 + rows * 3 + 1, tl.sum(dpre * w1[None, :], axis=1), mask=row_ok)
+            tl.store(dx_ptr + b * N * 3 + rows * 3 + 2, tl.sum(dpre * w2[None, :], axis=1), mask=row_ok)
+            dw0 += tl.sum(dpre * x0[:, None], axis=0)
+            dw1 += tl.sum(dpre * x1[:, None], axis=0)
+            dw2 += tl.sum(dpre * x2[:, None], axis=0)
+            db += tl.sum(dpre, axis=0)
         part = b * tl.num_programs(0) + pid_m
-        tl.store(dw_part_ptr + part * 3 * C + k16[:, None] * C + cols[None, :], dwb, mask=k16[:, None] < 3)
-        tl.store(db_part_ptr + part * C + cols[None, :] + 0 * k16[:, None], dwb, mask=k16[:, None] == 3)
+        tl.store(dw_part_ptr + (part * 3) * C + cols, dw0)
+        tl.store(dw_part_ptr + (part * 3 + 1) * C + cols, dw1)
+        tl.store(dw_part_ptr + (part * 3 + 2) * C + cols, dw2)
+        tl.store(db_part_ptr + part * C + cols, db)
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
