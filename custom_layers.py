@@ -56,6 +56,10 @@ class FCBlock(nn.Module):
     """An MLP of FCLayers: in -> hidden, ``num_hidden_layers`` x hidden -> hidden, then hidden -> out.
 
     The last layer is a bare nn.Linear when ``outermost_linear``, else another FCLayer.
+
+    ``fused_kernels`` (off by default): under mixed precision with gradients, the leading FCLayers that map C -> C
+    run on the fused kernels of kernels.py (``kernels.fc_layers``) where they apply; the layers here stay the
+    definition they are tested against.
     """
 
     def __init__(self, hidden_ch, num_hidden_layers, in_features, out_features, outermost_linear=False):
@@ -69,11 +73,24 @@ class FCBlock(nn.Module):
             layers.append(FCLayer(in_features=hidden_ch, out_features=out_features))
         self.net = nn.Sequential(*layers)
         self.net.apply(init_weights_normal)
+        self.fused_kernels = False
 
     def __getitem__(self, item):
         return self.net[item]
 
     def forward(self, input):
+        if self.fused_kernels and torch.is_grad_enabled() and torch.is_autocast_enabled(input.device.type):
+            import kernels  # here, not at the top: importing Triton costs seconds, and only this path needs it
+            square = []  # the leading FCLayers C -> C
+            for layer in self.net:
+                if not (isinstance(layer, FCLayer) and layer.net[0].weight.shape == (input.shape[-1],) * 2):
+                    break
+                square.append(layer)
+            layers = [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
+                      for layer in square]
+            eps = [layer.net[1].eps for layer in square]
+            if square and kernels.supports_fc(input, layers, eps):
+                return self.net[len(square):](kernels.fc_layers(input, layers, eps[0]))
         return self.net(input)
 
 

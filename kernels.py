@@ -22,6 +22,11 @@ a (B, N, 256) activation; that memory traffic, not arithmetic, bounds the step (
 A persistent variant (a program a run of rows of one observation, W loaded into shared memory once) was
 tried and measured slower in training: benchmarks/NOTES.md, round 7.
 
+``fc_layers`` runs the pixel generator's FCLayers (``custom_layers.FCBlock``: Linear, LayerNorm with a scale and a
+shift, ReLU; one set of weights for every ray) on the same kernels: all rows as one observation, the scale and
+shift applied where the ReLU is (AFFINE, IN_AFFINE), and their gradients summed in the LayerNorm backward's pass.
+It is switched on by ``FCBlock.fused_kernels`` (benchmarks/bench.py's ``fused_pixel``; not yet a train.py option).
+
 Tolerance: the kernels take bfloat16 activations and weights (float32 for the input layer) with float32
 accumulation, like PyTorch's bf16 path; they differ from it only in rounding (LayerNorm here sees the float32
 product where PyTorch rounds it to bf16 first). ``tests/test_kernels.py`` holds outputs and gradients to the
@@ -123,6 +128,18 @@ if triton is not None:
                 tl.load(point + 2, mask=row_ok, other=0.))
 
     @triton.jit
+    def _layer_input(x, in_g_ptr, in_beta_ptr, ks, dtype, IN_RELU: tl.constexpr, IN_AFFINE: tl.constexpr):
+        """A layer's operand from the stored output of the layer below, channels ks: relu(x) (phi), relu(x * g +
+        beta) with IN_AFFINE (LayerNorm's scale and shift of the layer below, (C,) each), or x itself (an input
+        that is no layer's output), in ``dtype``."""
+        if IN_AFFINE:
+            x = (x.to(tl.float32) * tl.load(in_g_ptr + ks).to(tl.float32)[None, :]
+                 + tl.load(in_beta_ptr + ks).to(tl.float32)[None, :])
+        if IN_RELU:
+            x = tl.where(x > 0, x, 0.)
+        return x.to(dtype)
+
+    @triton.jit
     def _centred_and_rstd(pre, eps, C: tl.constexpr):
         """LayerNorm's statistics of a (rows, C) float32 tile: the tile minus its row means, the means, and 1/std."""
         mean = tl.sum(pre, axis=1) / C
@@ -149,12 +166,13 @@ if triton is not None:
         return (_input_layer_pre(x0, x1, x2, w0_ptr, b0_ptr, b, ks, C) - mean[:, None]) * rstd[:, None]
 
     @triton.jit
-    def _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps,
+    def _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, g_ptr, beta_ptr, b, rows, row_ok, N, eps,
                                C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
-                               KEEP: tl.constexpr):
-        """Bias, LayerNorm or not, and phi's output relu(xhat) with WRITE_RELU. It stores the layer's output (xhat,
-        the next layer's input) and 1/std; without KEEP (no backward to come) only what a later layer reads: phi's
-        output alone in the last layer, and no 1/std."""
+                               KEEP: tl.constexpr, AFFINE: tl.constexpr):
+        """Bias, LayerNorm or not, and phi's output relu(xhat) with WRITE_RELU (relu(xhat * g + beta) with AFFINE,
+        LayerNorm's own scale and shift, (C,) each). It stores the layer's output (xhat, the next layer's input) and
+        1/std; without KEEP (no backward to come) only what a later layer reads: phi's output alone in the last
+        layer, and no 1/std."""
         cols = tl.arange(0, C)
         acc += tl.load(b_ptr + b * C + cols).to(tl.float32)[None, :]
         if NORMALIZE:
@@ -166,6 +184,9 @@ if triton is not None:
         if KEEP or not WRITE_RELU:
             tl.store(out_ptr + b * N * C + tile, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_RELU:
+            if AFFINE:
+                acc = (acc * tl.load(g_ptr + cols).to(tl.float32)[None, :]
+                       + tl.load(beta_ptr + cols).to(tl.float32)[None, :])
             tl.store(relu_ptr + b * N * C + tile, tl.maximum(acc, 0.).to(relu_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
 
@@ -216,13 +237,15 @@ if triton is not None:
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 128, 'BLOCK_K': 32}, 8, 4)),
-                     key=['ROWS_KEY', 'C'])
+                     key=['ROWS_KEY', 'C', 'IN_AFFINE'])
     @triton.jit
-    def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, N, ROWS_KEY, eps,
-                          C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr, KEEP: tl.constexpr,
+    def _hidden_layer_fwd(x_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr, relu_ptr, in_g_ptr, in_beta_ptr, g_ptr, beta_ptr,
+                          N, ROWS_KEY, eps, C: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_RELU: tl.constexpr,
+                          KEEP: tl.constexpr, IN_RELU: tl.constexpr, IN_AFFINE: tl.constexpr, AFFINE: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """out = LayerNorm(relu(x) @ W^T + b) (or without LayerNorm) for x (B, N, C), W (B, C, C), b (B, C);
-        with WRITE_RELU also relu(out), phi's output."""
+        with WRITE_RELU also relu(out), phi's output. The operand relu(x) is ``_layer_input``'s (IN_RELU,
+        IN_AFFINE); with AFFINE, WRITE_RELU writes relu(out * g + beta) (the pixel generator's LayerNorm)."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -231,11 +254,11 @@ if triton is not None:
         for k0 in range(0, C, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + b * N * C + rows[:, None] * C + ks[None, :], mask=row_ok[:, None], other=0.)
-            x = tl.where(x > 0, x, 0.).to(w_ptr.dtype.element_ty)  # the previous layer's ReLU
+            x = _layer_input(x, in_g_ptr, in_beta_ptr, ks, w_ptr.dtype.element_ty, IN_RELU, IN_AFFINE)
             w_t = tl.load(w_ptr + b * C * C + cols[None, :] * C + ks[:, None])  # (BLOCK_K, C) = W^T
             acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-        _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, b, rows, row_ok, N, eps, C, NORMALIZE,
-                               WRITE_RELU, KEEP)
+        _hidden_layer_epilogue(acc, b_ptr, out_ptr, rstd_ptr, relu_ptr, g_ptr, beta_ptr, b, rows, row_ok, N, eps, C,
+                               NORMALIZE, WRITE_RELU, KEEP, AFFINE)
 
     @triton.jit
     def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
@@ -249,7 +272,11 @@ if triton is not None:
     @triton.jit
     def _layer_norm_relu_bwd_of(grad, xhat, rstd, C: tl.constexpr):
         """d(pre-LayerNorm) from d(relu output), xhat (BLOCK_M, C) and 1/std (BLOCK_M,) given, float32."""
-        grad = tl.where(xhat > 0, grad, 0.)  # ReLU
+        return _layer_norm_bwd_of(tl.where(xhat > 0, grad, 0.), xhat, rstd, C)  # ReLU
+
+    @triton.jit
+    def _layer_norm_bwd_of(grad, xhat, rstd, C: tl.constexpr):
+        """d(pre-LayerNorm) from d(xhat), xhat (BLOCK_M, C) and 1/std (BLOCK_M,) given, float32."""
         mean_grad = tl.sum(grad, axis=1) / C
         mean_grad_xhat = tl.sum(grad * xhat, axis=1) / C
         return rstd[:, None] * (grad - mean_grad[:, None] - xhat * mean_grad_xhat[:, None])
@@ -273,16 +300,22 @@ if triton is not None:
                                       ({'BLOCK_M': 64, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 64, 'BLOCK_K': 64}, 8, 3),
                                       ({'BLOCK_M': 128, 'BLOCK_K': 64}, 8, 3), ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3),
                                       ({'BLOCK_M': 64, 'BLOCK_K': 32}, 8, 4), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4)),
-                     key=['ROWS_KEY', 'C', 'ABOVE'])
+                     key=['ROWS_KEY', 'C', 'ABOVE', 'AFFINE'])
     @triton.jit
-    def _hidden_layer_bwd(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, dpre_ptr, N, ROWS_KEY,
-                          C: tl.constexpr, ABOVE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _hidden_layer_bwd(dpre_above_ptr, w_above_ptr, xhat_ptr, rstd_ptr, dpre_ptr, g_ptr, beta_ptr, dg_part_ptr,
+                          dbeta_part_ptr, N, ROWS_KEY, C: tl.constexpr, ABOVE: tl.constexpr, AFFINE: tl.constexpr,
+                          PART_M: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
         """dpre = LayerNorm/ReLU backward of this layer's output gradient, for one (BLOCK_M, C) tile of rows.
 
         With ABOVE the output gradient is the layer above's dpre through its weights (``_grad_from_above``), so
         d(activation) is never stored: the pass reads dpre_above and xhat and writes dpre. Without, it is the
-        gradient of phi's output, read from ``dpre_above_ptr`` (w_above_ptr unused)."""
+        gradient of phi's output, read from ``dpre_above_ptr`` (w_above_ptr unused).
+
+        With AFFINE the layer's output is relu(xhat * g + beta) (the pixel generator's LayerNorm, g and beta (C,)),
+        and the tile's shares of their gradients go to rows of dg_part and dbeta_part, (B, cdiv(N, PART_M), C)
+        float32, summed afterwards: a program writes its share to the first of the BLOCK_M / PART_M rows its tile
+        covers and zeros to the others, so every row is written whatever BLOCK_M the autotuner took."""
         pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -293,19 +326,38 @@ if triton is not None:
                                     BLOCK_K)
         else:
             grad = tl.load(dpre_above_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-        dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
+        if AFFINE:
+            xhat = tl.load(xhat_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
+            rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+            g = tl.load(g_ptr + cols).to(tl.float32)
+            grad = tl.where(xhat * g[None, :] + tl.load(beta_ptr + cols).to(tl.float32)[None, :] > 0, grad, 0.)
+            parts = tl.cdiv(N, PART_M)
+            part = pid_m * (BLOCK_M // PART_M)
+            first = dg_part_ptr + (b * parts + part) * C + cols
+            tl.store(first, tl.sum(grad * xhat, axis=0))  # rows past N hold xhat 0 and add nothing
+            tl.store(dbeta_part_ptr + (b * parts + part) * C + cols, tl.sum(grad, axis=0))
+            for j in tl.static_range(1, BLOCK_M // PART_M):
+                covered = (cols * 0 + part + j) < parts  # (the last tile may reach past the last row's part)
+                tl.store(first + j * C, tl.zeros([C], dtype=tl.float32), mask=covered)
+                tl.store(dbeta_part_ptr + (b * parts + part + j) * C + cols, tl.zeros([C], dtype=tl.float32),
+                         mask=covered)
+            dpre = _layer_norm_bwd_of(grad * g[None, :], xhat, rstd, C)
+        else:
+            dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
         tl.store(dpre_ptr + b * N * C + tile, dpre.to(dpre_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.autotune(configs=_configs('_hidden_layer_bwd_weights',
                                       ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 3), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 4),
                                       ({'BLOCK_N': 64, 'BLOCK_R': 32}, 4, 4), ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 4),
                                       ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 3), ({'BLOCK_N': 128, 'BLOCK_R': 64}, 8, 4)),
-                     key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])
+                     key=['ROWS_KEY', 'C', 'SPLIT_ROWS', 'IN_AFFINE'])
     @triton.jit
-    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, N, ROWS_KEY, SPLIT_ROWS, C: tl.constexpr,
+    def _hidden_layer_bwd_weights(dpre_ptr, x_ptr, dw_ptr, db_ptr, in_g_ptr, in_beta_ptr, N, ROWS_KEY, SPLIT_ROWS,
+                                  C: tl.constexpr, IN_RELU: tl.constexpr, IN_AFFINE: tl.constexpr,
                                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """dW = dpre^T @ relu(x) and db = sum of dpre over rows, for BLOCK_N rows of dW (all C columns) over one
-        split of the rows; dpre and x, the layer's input, (B, N, C).
+        split of the rows; dpre and x, the stored output of the layer below, (B, N, C) (the operand relu(x) is
+        ``_layer_input``'s, as in the forward).
 
         Each row of dpre is read once, by the program of its columns, and each row of x once a block of dW rows.
         The rows of an observation are split into S = cdiv(N, SPLIT_ROWS) runs of SPLIT_ROWS (a multiple of
@@ -326,7 +378,7 @@ if triton is not None:
             d = tl.load(dpre_ptr + b * N * C + rs[:, None] * C + ns[None, :], mask=row_ok[:, None],
                         other=0.)  # (BLOCK_R, BLOCK_N)
             x = tl.load(x_ptr + b * N * C + rs[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.)
-            x = tl.where(x > 0, x, 0.).to(d.dtype)  # the previous layer's ReLU
+            x = _layer_input(x, in_g_ptr, in_beta_ptr, cols, d.dtype, IN_RELU, IN_AFFINE)
             acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION)
             bias_acc += tl.sum(d.to(tl.float32), axis=0)
         tl.store(dw_ptr + part * C * C + ns[:, None] * C + cols[None, :], acc.to(dw_ptr.dtype.element_ty))
@@ -339,7 +391,7 @@ if triton is not None:
         configs=_configs('_hidden_layer_bwd_weights_f32',
                          ({'BLOCK_N': 64, 'BLOCK_R': 32}, 4, 3), ({'BLOCK_N': 64, 'BLOCK_R': 64}, 4, 2),
                          ({'BLOCK_N': 128, 'BLOCK_R': 32}, 8, 2)),
-        key=['ROWS_KEY', 'C', 'SPLIT_ROWS'])(_hidden_layer_bwd_weights.fn)
+        key=['ROWS_KEY', 'C', 'SPLIT_ROWS', 'IN_AFFINE'])(_hidden_layer_bwd_weights.fn)
 
     @triton.autotune(configs=_configs('_input_layer_bwd',
                                       ({'BLOCK_M': 32, 'BLOCK_K': 64}, 4, 3), ({'BLOCK_M': 32, 'BLOCK_K': 32}, 4, 4),
@@ -390,6 +442,9 @@ if triton is not None:
 
 
 INPUT_ROWS = 256  # rows per program in the input layer's backward
+# Rows of a share of LayerNorm's scale and shift gradients in _hidden_layer_bwd: every candidate's BLOCK_M is a
+# multiple of it.
+PART_M = 32
 # The hidden layers' weight gradients run a program per block of dW rows and observation: at 64 px (B 64, N 4096)
 # 128 programs for the H100's 132 multiprocessors, each over all of its observation's rows. With fewer observations
 # (128 px: B 16, N 16384) the rows are split into runs, about a program a multiprocessor, of at least WEIGHT_ROWS
@@ -465,18 +520,21 @@ def _phi_forward_impl(x, weights, biases, eps, normalize_last, keep=True):
         out = empty_rows(channels)
         rstd = empty_rows(dtype=torch.float32) if normalize and keep else out
         v = empty_rows(channels) if last and normalize and keep else out
-        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, num_points, rows_key, eps,
-                                         C=channels, NORMALIZE=normalize, WRITE_RELU=last and normalize, KEEP=keep,
-                                         PRECISION=_precision(act_dtype))
+        unused = biases[i]  # (LayerNorm's scale and shift pointers, which phi's layers do not have)
+        _launch(_hidden_layer_fwd)[grid](xhats[-1], weights[i], biases[i], out, rstd, v, unused, unused, unused, unused,
+                                         num_points, rows_key, eps, C=channels, NORMALIZE=normalize,
+                                         WRITE_RELU=last and normalize, KEEP=keep, IN_RELU=True, IN_AFFINE=False,
+                                         AFFINE=False, PRECISION=_precision(act_dtype))
         if normalize:  # (without keep, xhats[-1] is only the next layer's input)
             xhats.append(out), rstds.append(rstd)
         out = v
     return [out, stats, *xhats, *rstds] if keep else [out]
 
 
-def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
+def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None, x_relu=True, x_affine=None):
     """dW = dpre^T @ relu(x) (B, C, C) and db (B, C) of a hidden layer, in ``dtype``, from dpre and x (B, N, C), in
-    runs of ``split_rows`` rows an observation (default: ``_weight_splits`` runs)."""
+    runs of ``split_rows`` rows an observation (default: ``_weight_splits`` runs). The operand is relu(x) with
+    ``x_relu``, else x; with ``x_affine`` (g, beta), relu(x * g + beta)."""
     batch_size, num_points, channels = dpre.shape
     split_rows = _split_rows(batch_size, num_points, dpre.device, split_rows)
     splits = triton.cdiv(num_points, split_rows)
@@ -487,7 +545,9 @@ def _weight_gradients(dpre, x, dtype, rows_key, split_rows=None):
     def grid(meta):
         return (triton.cdiv(channels, meta['BLOCK_N']), batch_size * splits)
     kernel = _hidden_layer_bwd_weights_f32 if dpre.element_size() > 2 else _hidden_layer_bwd_weights
-    _launch(kernel)[grid](dpre, x, dw, db, num_points, rows_key, split_rows, C=channels, PRECISION=_precision(dtype))
+    g, beta = x_affine if x_affine is not None else (db, db)
+    _launch(kernel)[grid](dpre, x, dw, db, g, beta, num_points, rows_key, split_rows, C=channels, IN_RELU=x_relu,
+                          IN_AFFINE=x_affine is not None, PRECISION=_precision(dtype))
     if splits == 1:
         return dw, db
     return (dw.view(batch_size, splits, channels, channels).sum(1).to(dtype),
@@ -513,8 +573,9 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
         return torch.empty(batch_size, num_points, *shape, device=x.device, dtype=dtype)
     if len(rstds) == top:  # the last layer is normalised: LayerNorm/ReLU backward of phi's output gradient
         dpre = empty_rows(channels)
-        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top], rstds[top - 1], dpre, num_points,
-                                         rows_key, C=channels, ABOVE=False, PRECISION=_precision(dtype))
+        _launch(_hidden_layer_bwd)[grid](grad_v, grad_v, xhats[top], rstds[top - 1], dpre, *[grad_v] * 4, num_points,
+                                         rows_key, C=channels, ABOVE=False, AFFINE=False, PART_M=PART_M,
+                                         PRECISION=_precision(dtype))
     else:  # a linear last layer
         dpre = grad_v.to(dtype)
     grads = []
@@ -522,8 +583,9 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
         grads = [*_weight_gradients(dpre, xhats[i - 1], dtype, rows_key), *grads]
         if i > 1:
             below = empty_rows(channels)
-            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 1], rstds[i - 2], below, num_points,
-                                             rows_key, C=channels, ABOVE=True, PRECISION=_precision(dtype))
+            _launch(_hidden_layer_bwd)[grid](dpre, weights[i], xhats[i - 1], rstds[i - 2], below, *[dpre] * 4,
+                                             num_points, rows_key, C=channels, ABOVE=True, AFFINE=False,
+                                             PART_M=PART_M, PRECISION=_precision(dtype))
             dpre = below
     # The input layer: float32, with the shares of dW and db of every INPUT_ROWS rows summed here.
     num_parts = triton.cdiv(num_points, INPUT_ROWS)
@@ -536,6 +598,66 @@ def _phi_backward_impl(grad_v, x, weights, biases, stats, xhats, rstds):
     dw0 = dw_part.sum(1).to(weights[0].dtype)  # (B, 3, C), the gradient of W0^T
     db0 = db_part.sum(1).to(weights[0].dtype)
     return [dx, dw0, db0, *grads]
+
+
+def _fc_forward_impl(v, weights, biases, gammas, betas, eps):
+    """FCLayers (Linear C -> C, LayerNorm with scale g and shift beta, ReLU) over the rows of v (M, C), every row with
+    the same weights: [h, the last layer's output (M, C); each layer's xhat (M, C); each layer's 1/std (M,)].
+
+    The rows are one observation to the kernels (B = 1), which take W (C, C), b, g and beta (C,) as they are. The
+    first layer's operand is v itself, each later one's relu(xhat * g + beta) of the layer below, formed as it is
+    loaded (``_layer_input``), so only xhat and 1/std are stored, as in phi; the last layer also writes h."""
+    num_rows, channels = v.shape
+    rows_key = _rows_key(num_rows)
+    grid = _rows_grid(num_rows, 1)
+    act_dtype = weights[0].dtype
+    h = torch.empty(num_rows, channels, device=v.device, dtype=act_dtype)
+    xhats, rstds = [], []
+    for i in range(len(weights)):
+        xhats.append(torch.empty(num_rows, channels, device=v.device, dtype=act_dtype))
+        rstds.append(torch.empty(num_rows, device=v.device, dtype=torch.float32))
+        below = (gammas[i - 1], betas[i - 1]) if i else (gammas[i], betas[i])  # (unused by the first layer)
+        _launch(_hidden_layer_fwd)[grid](xhats[i - 1] if i else v, weights[i], biases[i], xhats[i], rstds[i], h,
+                                         *below, gammas[i], betas[i], num_rows, rows_key, eps, C=channels,
+                                         NORMALIZE=True, WRITE_RELU=i == len(weights) - 1, KEEP=True, IN_RELU=i > 0,
+                                         IN_AFFINE=i > 0, AFFINE=True, PRECISION=_precision(act_dtype))
+    return [h, *xhats, *rstds]
+
+
+def _fc_backward_impl(grad_h, v, weights, gammas, betas, xhats, rstds):
+    """[dv, dW_0, db_0, dg_0, dbeta_0, dW_1, ...] of ``_fc_forward_impl`` for the loss gradient ``grad_h`` (M, C)
+    of its output, from what the forward kept.
+
+    From the top, as phi's backward: each layer's dpre from the one above (``_hidden_layer_bwd`` with the layer's
+    scale and shift, which also sums their gradients in shares of PART_M rows), then its weight gradients from dpre
+    and its operand; dv = dpre_0 @ W_0 last."""
+    num_rows, channels = grad_h.shape
+    rows_key = _rows_key(num_rows)
+    grid = _rows_grid(num_rows, 1)
+    dtype = weights[0].dtype
+    num_parts = triton.cdiv(num_rows, PART_M)
+
+    def layer_norm_bwd(grad, w_above, i):  # dpre of layer i, and its dg and dbeta, from d(output) or dpre above
+        dpre = torch.empty(num_rows, channels, device=grad.device, dtype=dtype)
+        dg_part, dbeta_part = torch.empty(2, num_parts, channels, device=grad.device, dtype=torch.float32)
+        _launch(_hidden_layer_bwd)[grid](grad, grad if w_above is None else w_above, xhats[i], rstds[i], dpre,
+                                         gammas[i], betas[i], dg_part, dbeta_part, num_rows, rows_key, C=channels,
+                                         ABOVE=w_above is not None, AFFINE=True, PART_M=PART_M,
+                                         PRECISION=_precision(dtype))
+        return dpre, dg_part.sum(0).to(gammas[i].dtype), dbeta_part.sum(0).to(betas[i].dtype)
+
+    top = len(weights) - 1
+    dpre, dg, dbeta = layer_norm_bwd(grad_h.to(dtype), None, top)
+    grads = []
+    for i in range(top, -1, -1):
+        operand = xhats[i - 1] if i else v
+        dw, db = _weight_gradients(dpre[None], operand[None], dtype, rows_key, x_relu=i > 0,
+                                   x_affine=(gammas[i - 1], betas[i - 1]) if i else None)
+        grads = [dw[0], db[0], dg, dbeta, *grads]
+        if i:
+            dpre_above = dpre
+            dpre, dg, dbeta = layer_norm_bwd(dpre_above, weights[i], i - 1)
+    return [dpre @ weights[0], *grads]
 
 
 def _register():
@@ -575,6 +697,35 @@ def _register():
 
     torch.library.register_autograd('srn::phi_forward', _backward, setup_context=_setup_context)
 
+    @torch.library.triton_op('srn::fc_forward', mutates_args=())
+    def _fc_forward(v: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                    gammas: list[torch.Tensor], betas: list[torch.Tensor], eps: float,
+                    source: str) -> list[torch.Tensor]:
+        return _fc_forward_impl(v, weights, biases, gammas, betas, eps)
+
+    @torch.library.triton_op('srn::fc_backward', mutates_args=())
+    def _fc_backward(grad_h: torch.Tensor, v: torch.Tensor, weights: list[torch.Tensor], gammas: list[torch.Tensor],
+                     betas: list[torch.Tensor], xhats: list[torch.Tensor], rstds: list[torch.Tensor],
+                     source: str) -> list[torch.Tensor]:
+        return _fc_backward_impl(grad_h, v, weights, gammas, betas, xhats, rstds)
+
+    def _fc_setup_context(ctx, inputs, output):
+        v, weights, _, gammas, betas, _, _ = inputs
+        n = len(weights)
+        ctx.num_layers = n
+        ctx.save_for_backward(v, *weights, *gammas, *betas, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _fc_backward_of(ctx, grads):
+        saved, n = ctx.saved_tensors, ctx.num_layers
+        v, weights, gammas, betas = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
+        xhats, rstds = saved[1 + 3 * n:1 + 4 * n], saved[1 + 4 * n:]
+        flat = _fc_backward(grads[0].contiguous(), v, list(weights), list(gammas), list(betas), list(xhats),
+                            list(rstds), SOURCE_KEY)
+        return flat[0], flat[1::4], flat[2::4], flat[3::4], flat[4::4], None, None
+
+    torch.library.register_autograd('srn::fc_forward', _fc_backward_of, setup_context=_fc_setup_context)
+
 
 _REGISTERED = False
 if triton is not None and hasattr(torch.library, 'triton_op'):
@@ -606,3 +757,33 @@ def phi(x, layers, eps=1e-5):
             return torch.ops.srn.phi_forward(x, weights, biases, eps, layers[-1][2], SOURCE_KEY)[0]
         # No backward to come (rendering, validation): the last layer stores phi's output alone.
         return torch.ops.srn.phi_inference(x, weights, biases, eps, layers[-1][2], SOURCE_KEY)
+
+
+def supports_fc(x, layers, eps):
+    """Whether ``fc_layers(x, layers, eps)`` has fused kernels: FCLayers C -> C (C a power of two >= 256), one LayerNorm
+    epsilon, on a CUDA device (or the CPU under the interpreter), and fewer than 2^31 values (the kernels' offsets
+    within the one observation the rows make are int32)."""
+    if not _REGISTERED or not (x.is_cuda or (INTERPRET and x.device.type == 'cpu')) or not layers:
+        return False
+    channels = x.shape[-1]
+    if channels & (channels - 1) or channels < MIN_CHANNELS or x.numel() >= 2 ** 31 or len(set(eps)) != 1:
+        return False
+    return all(w.shape == (channels, channels) and b.shape == g.shape == beta.shape == (channels,)
+               for w, b, g, beta in layers)
+
+
+def fc_layers(x, layers, eps=1e-5):
+    """FCLayers (``custom_layers.FCLayer``: Linear, LayerNorm with affine parameters, ReLU) C -> C with the fused
+    kernels, what ``custom_layers.FCBlock`` computes with them under bfloat16 autocast.
+
+    :param x: (..., C)
+    :param layers: [(Linear weight (C, C), its bias (C,), LayerNorm weight (C,), its bias (C,))]
+    :return: (..., C) in the activations' dtype (bfloat16 under autocast)
+    """
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        # LayerNorm's scale and shift in the activations' dtype, as custom_layers.layer_norm_relu gives them
+        weights, biases, gammas, betas = ([t.to(dtype).contiguous() for t in ts] for ts in zip(*layers))
+        v = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+        h = torch.ops.srn.fc_forward(v, weights, biases, gammas, betas, eps, SOURCE_KEY)[0]
+    return h.view(*x.shape[:-1], h.shape[-1])

@@ -29,6 +29,8 @@ Variants:
   fast_budget03, fast_budget01   fast with activation memory budget 0.3 or 0.1 (more recomputation)
   fast_lstm, fused_lstm   fast / fused with the ray marcher's LSTM cell written out in tensor operations
               (ComposedLSTMCell, same parameters) for the compiler to fuse, instead of PyTorch's own cell kernels
+  fused_pixel fused with the pixel generator's FCLayers on the fused kernels too (FCBlock.fused_kernels,
+              kernels.fc_layers; not yet a train.py option)
 (Results in benchmarks/NOTES.md from before CUDA graphs joined --fast name fast_nographs "fast" and fast
 "fast_cudagraphs"; likewise fused_nographs "fused" and fused "fused_cudagraphs".)
 """
@@ -79,6 +81,7 @@ VARIANTS.update({
     'fast_budget01': dict(VARIANTS['fast'], memory_budget=0.1),
 })
 VARIANTS.update({f'{name}_lstm': dict(VARIANTS[name], composed_lstm=True) for name in ('fast', 'fused')})
+VARIANTS['fused_pixel'] = dict(VARIANTS['fused'], pixel_kernels=True)
 
 
 class ComposedLSTMCell(torch.nn.Module):
@@ -163,6 +166,7 @@ def _bench_variant(name, options, sidelength, batch_size, args, rays_per_view=No
     model = srns.SRNsModel(num_instances=2433, latent_dim=256, tracing_steps=10,
                            tracing_grad_steps=options.get('tracing_grad_steps', 0)).to(device)
     model.use_fused_kernels(options.get('fused', False))
+    model.pixel_generator.fused_kernels = options.get('pixel_kernels', False)
     if options.get('composed_lstm'):
         model.ray_marcher.lstm = ComposedLSTMCell(model.ray_marcher.lstm)
     fused_adam = options['compile'] or options['amp'] is not None

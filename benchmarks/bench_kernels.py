@@ -68,17 +68,29 @@ def main(argv=None):
     report('torch: layer_norm + relu bf16', do_bench(lambda: F.relu(F.layer_norm(act, (C,)))), 2 * act_bytes)
 
     rows_grid = lambda meta: (triton_cdiv(N, meta['BLOCK_M']), B)  # noqa: E731
+    # LayerNorm's scale and shift, and the shares of their gradients (the pixel generator's layers: AFFINE)
+    g, beta = torch.rand(C, device=dev, dtype=bf16) + 0.5, torch.randn(C, device=dev, dtype=bf16) / 4
+    dg_part = torch.empty(2, B, triton_cdiv(N, kernels.PART_M), C, device=dev)
+    phi_layer = dict(IN_RELU=True, IN_AFFINE=False, AFFINE=False)
+    pixel_layer = dict(IN_RELU=True, IN_AFFINE=True, AFFINE=True)
     cases = [
         ('_input_layer_fwd', kernels._input_layer_fwd, rows_grid, lambda kw: (x, w0, b0, stats, out, N, N, 1e-5),
          dict(C=C, KEEP=True), act_bytes, 0),
         ('_hidden_layer_fwd', kernels._hidden_layer_fwd, rows_grid,
-         lambda kw: (act, w, b, out, rstd, out2, N, N, 1e-5),
-         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32'), 2 * act_bytes, flops),
-        ('_hidden_layer_bwd (from the layer above)', kernels._hidden_layer_bwd, rows_grid,
-         lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=True, PRECISION='tf32'), 3 * act_bytes, flops),
-        ('_hidden_layer_bwd (phi\'s output gradient)', kernels._hidden_layer_bwd, rows_grid,
-         lambda kw: (act, w, act2, rstd, out, N, N), dict(C=C, ABOVE=False, PRECISION='tf32'), 3 * act_bytes, 0),
+         lambda kw: (act, w, b, out, rstd, out2, g, beta, g, beta, N, N, 1e-5),
+         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32', **phi_layer), 2 * act_bytes, flops),
+        ('_hidden_layer_fwd (pixel generator)', kernels._hidden_layer_fwd, rows_grid,
+         lambda kw: (act, w, b, out, rstd, out2, g, beta, g, beta, N, N, 1e-5),
+         dict(C=C, NORMALIZE=True, WRITE_RELU=False, KEEP=True, PRECISION='tf32', **pixel_layer), 2 * act_bytes,
+         flops),
     ]
+    for above in (True, False):
+        for affine in (False, True):
+            cases.append((f"_hidden_layer_bwd ({'from the layer above' if above else 'the output gradient'}"
+                          f"{', pixel generator' if affine else ''})", kernels._hidden_layer_bwd, rows_grid,
+                          lambda kw: (act, w, act2, rstd, out, g, beta, dg_part[0], dg_part[1], N, N),
+                          dict(C=C, ABOVE=above, AFFINE=affine, PART_M=kernels.PART_M, PRECISION='tf32'),
+                          3 * act_bytes, flops if above else 0))
     # The weight gradients over runs of split_rows rows (one program per observation, block of dW rows and run),
     # their float32 shares summed afterwards (kernels._weight_gradients); split_rows >= N is the unsplit kernel, and
     # the sweep includes the runs kernels.phi takes on this GPU (kernels._weight_splits).
@@ -91,8 +103,8 @@ def main(argv=None):
         cases.append((f'_hidden_layer_bwd_weights (split {split_rows})', kernels._hidden_layer_bwd_weights,
                       lambda meta, splits=splits: (C // meta['BLOCK_N'], B * splits),
                       lambda kw, dw_share=dw_share, db_share=db_share, split_rows=split_rows:
-                          (act, act2, dw_share, db_share, N, N, split_rows),
-                      dict(C=C, PRECISION='tf32'), 2 * act_bytes, flops))
+                          (act, act2, dw_share, db_share, g, beta, N, N, split_rows),
+                      dict(C=C, PRECISION='tf32', IN_RELU=True, IN_AFFINE=False), 2 * act_bytes, flops))
         report(f'kernels._weight_gradients (split {split_rows}, autotuned, shares summed)',
                do_bench(lambda split_rows=split_rows: kernels._weight_gradients(act, act2, bf16, N, split_rows)),
                2 * act_bytes, flops)
@@ -121,7 +133,36 @@ def main(argv=None):
         report(f"_input_layer_bwd {meta} w{config.num_warps} s{config.num_stages}", do_bench(launch), act_bytes,
                flops)
     phi_evaluations(B, N, C, report)
+    pixel_generator_evaluations(B, N, C, report)
     save()
+
+
+def pixel_generator_evaluations(B, N, C, report):
+    """The pixel generator (custom_layers.FCBlock C -> C x 5 -> 3, the cars model's, bfloat16 autocast) on the rows
+    of B x N features, forward + backward, on PyTorch's layers eager and compiled (what --fast runs) and with its
+    FCLayers on the kernels (FCBlock.fused_kernels)."""
+    import custom_layers
+    from triton.testing import do_bench
+    dev = 'cuda'
+    torch.manual_seed(0)
+    block = custom_layers.FCBlock(hidden_ch=C, num_hidden_layers=4, in_features=C, out_features=3,
+                                  outermost_linear=True).to(dev)
+    v = torch.randn(B, N, C, device=dev, dtype=torch.bfloat16).clamp_min(0).requires_grad_()
+    grad_rgb = torch.randn(B, N, 3, device=dev, dtype=torch.bfloat16)
+    compiled = torch.compile(block)
+    for name, fn, fused in (('pytorch eager', block, False), ('pytorch compiled', compiled, False),
+                            ('kernels', block, True)):
+        def forward_backward():
+            block.fused_kernels = fused
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                rgb = fn(v)
+            rgb.backward(grad_rgb)
+        try:
+            report(f'pixel generator, {name}: forward + backward', do_bench(forward_backward), None,
+                   3 * 2 * B * N * C * C * 5)
+        except Exception as error:
+            print(f'pixel generator, {name}: failed: {str(error)[:300]}', flush=True)
+    block.fused_kernels = False
 
 
 def phi_evaluations(B, N, C, report):

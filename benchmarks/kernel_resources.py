@@ -38,21 +38,37 @@ N, B, C, EPS = 4096, 64, 256, 1e-5
 def launches(dtype=BF16):
     """(kernel name, positional argument dtypes or values, constants) for every way kernels.phi launches each
     kernel in ``dtype`` (bfloat16, or float32 with IEEE products, as the kernels' checks do) on phi's layout
-    (every layer normalised)."""
+    (every layer normalised), then every way kernels.fc_layers launches them (the pixel generator's layers, whose
+    LayerNorm has a scale and a shift: AFFINE, IN_AFFINE)."""
     rows, precision, ACT = N, 'tf32' if dtype != F32 else 'ieee', dtype  # ACT: the activations' dtype
-    fwd_args = (ACT, ACT, ACT, ACT, F32, ACT, N, rows)
+    fwd_args = (ACT, ACT, ACT, ACT, F32, ACT, ACT, ACT, ACT, ACT, N, rows)
     out = [('_input_layer_fwd', (F32, F32, F32, F32, ACT, N, rows, EPS), dict(C=C, KEEP=keep))
            for keep in (True, False)]
     for last, keep in ((False, True), (True, True), (False, False), (True, False)):
-        flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, PRECISION=precision)
+        flags = dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=keep, IN_RELU=True, IN_AFFINE=False, AFFINE=False,
+                     PRECISION=precision)
         out.append(('_hidden_layer_fwd', (*fwd_args, EPS), flags))
+    bwd_args = (ACT, ACT, ACT, F32, ACT, ACT, ACT, F32, F32, N, rows)
     for above in (True, False):
-        out.append(('_hidden_layer_bwd', (ACT, ACT, ACT, F32, ACT, N, rows),
-                    dict(C=C, ABOVE=above, PRECISION=precision)))
+        out.append(('_hidden_layer_bwd', bwd_args, dict(C=C, ABOVE=above, AFFINE=False, PART_M=32,
+                                                         PRECISION=precision)))
     weights = '_hidden_layer_bwd_weights' if dtype != F32 else '_hidden_layer_bwd_weights_f32'
-    out.append((weights, (ACT, ACT, ACT, ACT, N, rows, N), dict(C=C, PRECISION=precision)))
+    out.append((weights, (ACT, ACT, ACT, ACT, ACT, ACT, N, rows, N), dict(C=C, IN_RELU=True, IN_AFFINE=False,
+                                                                           PRECISION=precision)))
     out.append(('_input_layer_bwd', (ACT, ACT, F32, F32, F32, F32, F32, F32, F32, N, rows),
                 dict(C=C, ROWS=256, PRECISION=precision)))
+    # the pixel generator's layers (kernels.fc_layers): the first takes its input as it is, the last writes h too
+    for first, last in ((True, False), (False, False), (False, True)):
+        out.append(('_hidden_layer_fwd', (*fwd_args, EPS), dict(C=C, NORMALIZE=True, WRITE_RELU=last, KEEP=True,
+                                                                IN_RELU=not first, IN_AFFINE=not first, AFFINE=True,
+                                                                PRECISION=precision)))
+    for above in (True, False):
+        out.append(('_hidden_layer_bwd', bwd_args, dict(C=C, ABOVE=above, AFFINE=True, PART_M=32,
+                                                         PRECISION=precision)))
+    for first in (True, False):
+        out.append((weights, (ACT, ACT, ACT, ACT, ACT, ACT, N, rows, N), dict(C=C, IN_RELU=not first,
+                                                                               IN_AFFINE=not first,
+                                                                               PRECISION=precision)))
     return out
 
 
@@ -144,7 +160,7 @@ def report(arch=90, names=None, first_only=False, float_type='fp32', dtype=BF16)
             for index, config in enumerate(configs):
                 row = dict(kernel=name, candidate=index, **config.kwargs, warps=config.num_warps,
                            stages=config.num_stages,
-                           **{k: v for k, v in constants.items() if k not in ('C', 'PRECISION')})
+                           **{k: v for k, v in constants.items() if k not in ('C', 'PRECISION', 'PART_M')})
                 try:
                     row.update(compile_candidate(getattr(kernels, name), args, constants, config, float_type))
                     row['fits'] = row['shared'] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]) and row['stack'] == 0

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import custom_layers
 import hyperlayers
 import kernels
 import srns
@@ -201,11 +202,142 @@ def test_phis_operators_carry_the_kernels_fingerprint(grad, monkeypatch):
     assert kernels.SOURCE_KEY == hashlib.sha256(pathlib.Path(kernels.__file__).read_bytes()).hexdigest()[:16]
 
 
+def make_pixel_generator(channels=kernels.MIN_CHANNELS, outermost_linear=True, batch_size=2, num_points=45, seed=0):
+    """A pixel generator (custom_layers.FCBlock C -> C -> C -> C -> 3, as SRNsModel's but shallower; LayerNorm's scale
+    and shift drawn away from 1 and 0, where training takes them), its input (phi's output: nonnegative) and an
+    output gradient. Without ``outermost_linear`` the last layer is another FCLayer C -> C."""
+    torch.manual_seed(seed)
+    out_features = 3 if outermost_linear else channels
+    block = custom_layers.FCBlock(hidden_ch=channels, num_hidden_layers=2, in_features=channels,
+                                  out_features=out_features, outermost_linear=outermost_linear).to(DEVICE)
+    with torch.no_grad():
+        for layer in block.net:
+            if isinstance(layer, custom_layers.FCLayer):
+                layer.net[1].weight.uniform_(0.5, 1.5), layer.net[1].bias.uniform_(-0.3, 0.3)
+    v = torch.randn(batch_size, num_points, channels, device=DEVICE).clamp_min(0)
+    grad_out = torch.randn(batch_size, num_points, out_features, device=DEVICE)
+    return block, v, grad_out
+
+
+def pixel_generator_outputs_and_grads(block, v, grad_out, fused, amp_dtype=None, direct=False):
+    """The block's output for v and the gradients of <output, grad_out>, by name: ``out``, ``v`` and the block's
+    parameters'. ``direct``: the FCLayers on kernels.fc_layers whatever the switch (float32 too), the last layer
+    on PyTorch."""
+    block.fused_kernels = fused
+    block.zero_grad(set_to_none=True)
+    v = v.detach().requires_grad_()
+    with util.autocast(v.device.type, amp_dtype):
+        if direct:
+            layers = [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
+                      for layer in block.net[:-1]]
+            out = block.net[-1](kernels.fc_layers(v, layers))
+        else:
+            out = block(v)
+    (out.float() * grad_out).sum().backward()
+    return {'out': out.detach(), 'v': v.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+
 @requires_kernels
+@pytest.mark.parametrize('batch_size,num_points', [(2, 45), (1, 1), (1, 129), (2, 1100)])
+def test_pixel_generator_kernels_in_float32_equal_the_pytorch_path(batch_size, num_points):
+    """custom_layers.FCBlock's FCLayers (LayerNorm with scale and shift) on kernels.fc_layers, float32: the output
+    and every gradient equal the PyTorch layers' within 1e-5. Rows that do not fill a tile, a single row, and 2200
+    rows (the weight gradients in five runs of rows, kernels._weight_splits)."""
+    block, v, grad_out = make_pixel_generator(batch_size=batch_size, num_points=num_points)
+    util.set_tf32(False)
+    exact = pixel_generator_outputs_and_grads(block, v, grad_out, fused=False)
+    fused = pixel_generator_outputs_and_grads(block, v, grad_out, fused=False, direct=True)
+    assert fused.keys() == exact.keys() and len(exact) == 2 + 4 * 3 + 2
+    for name, reference in exact.items():
+        assert relative_error(fused[name], reference) < 1e-5, name
+
+
+@requires_kernels
+@pytest.mark.parametrize('outermost_linear', [True, False])
+def test_mixed_precision_pixel_generator_kernels_are_as_close_to_float32_as_pytorch(outermost_linear):
+    """The switch (FCBlock.fused_kernels) under mixed precision: the output and each gradient within 1.5 times the
+    PyTorch mixed-precision path's own error against float32 (+1e-3), as phi's kernels. Without a linear last
+    layer every layer is on the kernels."""
+    block, v, grad_out = make_pixel_generator(outermost_linear=outermost_linear,
+                                              num_points=2000 if DEVICE == 'cuda' else 45)
+    util.set_tf32(False)
+    exact = pixel_generator_outputs_and_grads(block, v, grad_out, fused=False)
+    pytorch = pixel_generator_outputs_and_grads(block, v, grad_out, fused=False, amp_dtype=HALF)
+    fused = pixel_generator_outputs_and_grads(block, v, grad_out, fused=True, amp_dtype=HALF)
+    assert fused['out'].dtype == HALF
+    for name, reference in exact.items():
+        allowed = 1.5 * relative_error(pytorch[name], reference) + 1e-3
+        assert relative_error(fused[name], reference) <= allowed, (name, relative_error(fused[name], reference),
+                                                                   allowed)
+    assert not torch.equal(fused['out'], pytorch['out'])  # the switch did choose the kernels
+
+
+@pytest.mark.parametrize('in_features', [16, 12])
+def test_which_pixel_generator_layers_the_switch_sends_to_the_kernels(monkeypatch, in_features):
+    """FCBlock.fused_kernels: under mixed precision with gradients, the leading FCLayers C -> C go to
+    kernels.fc_layers and the rest to PyTorch; without gradients, in float32, switched off, or with a first layer
+    that is not C -> C, all of them stay on PyTorch. The kernels are stood in for, so this runs anywhere."""
+    calls = []
+
+    def stand_in(x, layers, eps=1e-5):
+        calls.append(len(layers))
+        return x.to(torch.bfloat16)
+    monkeypatch.setattr(kernels, 'supports_fc', lambda x, layers, eps: True)
+    monkeypatch.setattr(kernels, 'fc_layers', stand_in)
+    torch.manual_seed(0)
+    block = custom_layers.FCBlock(hidden_ch=16, num_hidden_layers=2, in_features=in_features, out_features=3,
+                                  outermost_linear=True)
+    x = torch.randn(2, 5, in_features)
+    square = 3 if in_features == 16 else 0
+    for fused, grad, amp, expected in ((True, True, True, [square] if square else []), (True, False, True, []),
+                                       (True, True, False, []), (False, True, True, [])):
+        calls.clear()
+        block.fused_kernels = fused
+        with torch.set_grad_enabled(grad), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            out = block(x)
+        assert calls == expected and out.shape == (2, 5, 3), (fused, grad, amp)
+
+
+def test_supports_fc_only_square_layers():
+    """kernels.supports_fc: FCLayers C -> C (C a power of two the kernels take) with one epsilon, on a device they
+    serve, and fewer than 2^31 values."""
+    width = kernels.MIN_CHANNELS
+    x = torch.randn(2, 5, width, device=DEVICE)
+
+    def layers(shapes):
+        return [(torch.randn(out, inp, device=DEVICE), *torch.randn(3, out, device=DEVICE)) for inp, out in shapes]
+    good = layers([(width, width)] * 2)
+    assert kernels.supports_fc(x, good, [1e-5, 1e-5]) == kernels.available()
+    assert not kernels.supports_fc(x, good, [1e-5, 1e-3])
+    assert not kernels.supports_fc(x, layers([(width, width), (width, 3)]), [1e-5, 1e-5])
+    assert not kernels.supports_fc(x, [], [])
+    assert not kernels.supports_fc(torch.randn(2, 5, 96, device=DEVICE), layers([(96, 96)]), [1e-5])
+    huge = torch.empty(2 ** 31 // width, width, device='meta')
+    assert not kernels.supports_fc(huge, good, [1e-5, 1e-5])
+
+
+@requires_kernels
+def test_the_pixel_generators_operator_carries_the_kernels_fingerprint(monkeypatch):
+    """As phi's operators: the call carries kernels.SOURCE_KEY."""
+    block, v, _ = make_pixel_generator(num_points=20)
+    operator, calls = torch.ops.srn.fc_forward, []
+
+    def recorded(*args):
+        calls.append(args)
+        return operator(*args)
+    monkeypatch.setattr(torch.ops.srn, 'fc_forward', recorded)
+    kernels.fc_layers(v, [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
+                          for layer in block.net[:-1]])
+    assert len(calls) == 1 and calls[0][-1] == kernels.SOURCE_KEY
+
+
+@requires_kernels
+@pytest.mark.parametrize('pixel_generator', [False, True])
 @pytest.mark.parametrize('compiled', [False, True])
-def test_srn_training_step_on_the_kernels(compiled):
-    """The whole model, forward and backward, with phi on the kernels (under torch.compile too, on a GPU; in the
-    interpreter eagerly, with fewer rays and marching steps): rgb, depth and the loss, and the gradients of each of
+def test_srn_training_step_on_the_kernels(compiled, pixel_generator):
+    """The whole model, forward and backward, with phi on the kernels (and the pixel generator's layers with
+    ``pixel_generator``; under torch.compile too, on a GPU; in the interpreter eagerly, with fewer rays and marching
+    steps): rgb, depth and the loss, and the gradients of each of
     the model's parts (latent codes, hypernetwork, ray marcher, pixel generator) as one vector, at most 1.5 times as
     far from float32 as PyTorch's own mixed precision. Per parameter the comparison is chance for the small ones:
     the ray marcher's one-element output bias sums ~40k rounded terms, and over 8 seeds on an H200 the kernels were
@@ -231,6 +363,7 @@ def test_srn_training_step_on_the_kernels(compiled):
     def run(fused, amp):
         torch._dynamo.reset()
         model.use_fused_kernels(fused)
+        model.pixel_generator.fused_kernels = pixel_generator and fused is True
         forward = torch.compile(model) if compiled and amp else model
         model.zero_grad(set_to_none=True)
         with torch.autocast(DEVICE, dtype=HALF, enabled=amp):
@@ -246,6 +379,7 @@ def test_srn_training_step_on_the_kernels(compiled):
 
     exact, pytorch, fused = run(False, False), run(False, True), run(True, True)
     model.use_fused_kernels(False)
+    model.pixel_generator.fused_kernels = False
     assert fused.keys() == exact.keys() and {'latent_codes', 'hyper_phi', 'ray_marcher', 'pixel_generator'} <= set(exact)
     for name, reference in exact.items():
         allowed = 1.5 * relative_error(pytorch[name], reference) + 1e-3
@@ -304,9 +438,13 @@ def launch(name, grid, *args, config, **constants):
     kernel[grid](*args, **constants, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def layer_norm_relu_backward(grad, xhat, rstd):
-    """d(pre-LayerNorm) from d(relu(xhat)), for LayerNorm without affine parameters."""
-    grad = grad * (xhat > 0)
+def layer_norm_relu_backward(grad, xhat, rstd, g=None, beta=None):
+    """d(pre-LayerNorm) from d(relu(xhat)), for LayerNorm without affine parameters; with them (g, beta), from
+    d(relu(xhat * g + beta))."""
+    if g is None:
+        grad = grad * (xhat > 0)
+    else:
+        grad = grad * (xhat * g + beta > 0) * g
     return rstd[..., None] * (grad - grad.mean(-1, keepdim=True) - xhat * (grad * xhat).mean(-1, keepdim=True))
 
 
@@ -338,6 +476,7 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
     pre0 = x @ w0.transpose(1, 2) + b0[:, None]
     xhat0, rstd0 = layer_norm(pre0)
     stats = torch.stack([pre0.mean(-1), rstd0], -1)  # the input layer's row statistics (B, N, 2)
+    g, beta = rand(C) / 2 + 1, rand(C) / 2  # a LayerNorm's scale and shift (the pixel generator's layers)
     for config in configs:
         rows_grid = (cdiv(N, config.kwargs.get('BLOCK_M', 1)), B)
         if name == '_input_layer_fwd':
@@ -345,30 +484,55 @@ def test_every_autotuning_candidate_computes_its_kernels_function(name):
             launch(name, rows_grid, x, w0t, b0, stats_out, out, N, rows, eps, C=C, KEEP=True, config=config)
             expected, results = (xhat0, stats), (out, stats_out)
         elif name == '_hidden_layer_fwd':
-            out, rstd_out, relu = (torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE),
-                                   torch.empty(B, N, C, device=DEVICE))
-            launch(name, rows_grid, act, w, b, out, rstd_out, relu, N, rows, eps, C=C, NORMALIZE=True,
-                   WRITE_RELU=True, KEEP=True, PRECISION='ieee', config=config)
-            xhat, rstd_expected = layer_norm(act.clamp_min(0) @ w.transpose(1, 2) + b[:, None])
-            expected, results = (xhat, rstd_expected, xhat.clamp_min(0)), (out, rstd_out, relu)
+            expected, results = [], []
+            # phi's layers (relu(x) in, relu(xhat) out), a pixel generator's first layer (x in as it is) and later
+            # ones (relu(x * g + beta) of the layer below in, relu(xhat * g + beta) out)
+            layouts = ((act.clamp_min(0), dict(IN_RELU=True, IN_AFFINE=False), False),
+                       (act, dict(IN_RELU=False, IN_AFFINE=False), True),
+                       ((act * g + beta).clamp_min(0), dict(IN_RELU=True, IN_AFFINE=True), True))
+            for operand, in_flags, affine in layouts:
+                out, rstd_out, relu = (torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, device=DEVICE),
+                                       torch.empty(B, N, C, device=DEVICE))
+                launch(name, rows_grid, act, w, b, out, rstd_out, relu, g, beta, g, beta, N, rows, eps, C=C,
+                       NORMALIZE=True, WRITE_RELU=True, KEEP=True, AFFINE=affine, PRECISION='ieee', config=config,
+                       **in_flags)
+                xhat, rstd_expected = layer_norm(operand @ w.transpose(1, 2) + b[:, None])
+                expected += [xhat, rstd_expected, (xhat * g + beta if affine else xhat).clamp_min(0)]
+                results += [out, rstd_out, relu]
         elif name == '_hidden_layer_bwd':
-            from_above, direct = torch.empty(B, N, C, device=DEVICE), torch.empty(B, N, C, device=DEVICE)
-            launch(name, rows_grid, grad, w, act, rstd, from_above, N, rows, C=C, ABOVE=True, PRECISION='ieee',
-                   config=config)
-            launch(name, rows_grid, grad, w, act, rstd, direct, N, rows, C=C, ABOVE=False, PRECISION='ieee',
-                   config=config)
-            expected = (layer_norm_relu_backward(grad @ w, act, rstd), layer_norm_relu_backward(grad, act, rstd))
-            results = from_above, direct
+            parts = cdiv(N, kernels.PART_M)
+            expected, results = [], []
+            for above, affine in ((True, False), (False, False), (True, True), (False, True)):
+                dpre = torch.empty(B, N, C, device=DEVICE)
+                # every share of dg and dbeta must be written: NaN where none is
+                dg_part, dbeta_part = torch.full((2, B, parts, C), float('nan'), device=DEVICE)
+                launch(name, rows_grid, grad, w, act, rstd, dpre, g, beta, dg_part, dbeta_part, N, rows, C=C,
+                       ABOVE=above, AFFINE=affine, PART_M=kernels.PART_M, PRECISION='ieee', config=config)
+                d_out = grad @ w if above else grad
+                expected.append(layer_norm_relu_backward(d_out, act, rstd, *((g, beta) if affine else ())))
+                results.append(dpre)
+                if affine:
+                    d_y = d_out * (act * g + beta > 0)  # d(xhat * g + beta)
+                    expected += [(d_y * act).sum(1), d_y.sum(1)]
+                    results += [dg_part.sum(1), dbeta_part.sum(1)]
         elif name.startswith('_hidden_layer_bwd_weights'):
             split = 64
             splits = cdiv(N, split)
-            dw, db = torch.empty(B * splits, C, C, device=DEVICE), torch.empty(B * splits, C, device=DEVICE)
             grid = (C // config.kwargs['BLOCK_N'], B * splits)
             dpre, x_in = (grad, act) if name.endswith('_f32') else (grad.to(HALF), act.to(HALF))
-            launch(name, grid, dpre, x_in, dw, db, N, rows, split, C=C,
-                   PRECISION='ieee' if name.endswith('_f32') else 'tf32', config=config)
-            expected = dpre.float().transpose(1, 2) @ x_in.float().clamp_min(0), dpre.float().sum(1)
-            results = dw.view(B, splits, C, C).sum(1), db.view(B, splits, C).sum(1)
+            precision = 'ieee' if name.endswith('_f32') else 'tf32'
+            expected, results = [], []
+            for in_flags in (dict(IN_RELU=True, IN_AFFINE=False), dict(IN_RELU=False, IN_AFFINE=False),
+                             dict(IN_RELU=True, IN_AFFINE=True)):
+                dw, db = torch.empty(B * splits, C, C, device=DEVICE), torch.empty(B * splits, C, device=DEVICE)
+                launch(name, grid, dpre, x_in, dw, db, g, beta, N, rows, split, C=C, PRECISION=precision,
+                       config=config, **in_flags)
+                operand = x_in.float() * g + beta if in_flags['IN_AFFINE'] else x_in.float()
+                if in_flags['IN_AFFINE']:  # rounded to the operands' dtype, as the kernel rounds it
+                    operand = operand.to(x_in.dtype).float()
+                operand = operand.clamp_min(0) if in_flags['IN_RELU'] else operand
+                expected += [dpre.float().transpose(1, 2) @ operand, dpre.float().sum(1)]
+                results += [dw.view(B, splits, C, C).sum(1), db.view(B, splits, C).sum(1)]
         else:  # _input_layer_bwd, from the first hidden layer's dpre (grad) and weights (w), and the statistics
             parts = cdiv(N, kernels.INPUT_ROWS)
             dx = torch.empty_like(x)
