@@ -261,12 +261,17 @@ if triton is not None:
                                NORMALIZE, WRITE_RELU, KEEP, AFFINE)
 
     @triton.jit
-    def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
-        """d(pre-LayerNorm) from d(relu output) for a (BLOCK_M, C) tile, float32, with xhat and 1/std loaded."""
+    def _layer_norm_saved(xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
+        """xhat (BLOCK_M, C) and 1/std (BLOCK_M,) of a tile of rows as the forward stored them, float32."""
         cols = tl.arange(0, C)
         xhat = tl.load(xhat_ptr + b * N * C + rows[:, None] * C + cols[None, :], mask=row_ok[:, None],
                        other=0.).to(tl.float32)
-        rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+        return xhat, tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+
+    @triton.jit
+    def _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C: tl.constexpr):
+        """d(pre-LayerNorm) from d(relu output) for a (BLOCK_M, C) tile, float32, with xhat and 1/std loaded."""
+        xhat, rstd = _layer_norm_saved(xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
         return _layer_norm_relu_bwd_of(grad, xhat, rstd, C)
 
     @triton.jit
@@ -327,20 +332,19 @@ if triton is not None:
         else:
             grad = tl.load(dpre_above_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
         if AFFINE:
-            xhat = tl.load(xhat_ptr + b * N * C + tile, mask=row_ok[:, None], other=0.).to(tl.float32)
-            rstd = tl.load(rstd_ptr + b * N + rows, mask=row_ok, other=0.)
+            xhat, rstd = _layer_norm_saved(xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
             g = tl.load(g_ptr + cols).to(tl.float32)
             grad = tl.where(xhat * g[None, :] + tl.load(beta_ptr + cols).to(tl.float32)[None, :] > 0, grad, 0.)
             parts = tl.cdiv(N, PART_M)
             part = pid_m * (BLOCK_M // PART_M)
-            first = dg_part_ptr + (b * parts + part) * C + cols
-            tl.store(first, tl.sum(grad * xhat, axis=0))  # rows past N hold xhat 0 and add nothing
-            tl.store(dbeta_part_ptr + (b * parts + part) * C + cols, tl.sum(grad, axis=0))
+            dg_row = dg_part_ptr + (b * parts + part) * C + cols
+            dbeta_row = dbeta_part_ptr + (b * parts + part) * C + cols
+            tl.store(dg_row, tl.sum(grad * xhat, axis=0))  # rows past N hold xhat 0 and add nothing
+            tl.store(dbeta_row, tl.sum(grad, axis=0))
             for j in tl.static_range(1, BLOCK_M // PART_M):
                 covered = (cols * 0 + part + j) < parts  # (the last tile may reach past the last row's part)
-                tl.store(first + j * C, tl.zeros([C], dtype=tl.float32), mask=covered)
-                tl.store(dbeta_part_ptr + (b * parts + part + j) * C + cols, tl.zeros([C], dtype=tl.float32),
-                         mask=covered)
+                tl.store(dg_row + j * C, tl.zeros([C], dtype=tl.float32), mask=covered)
+                tl.store(dbeta_row + j * C, tl.zeros([C], dtype=tl.float32), mask=covered)
             dpre = _layer_norm_bwd_of(grad * g[None, :], xhat, rstd, C)
         else:
             dpre = _layer_norm_relu_bwd(grad, xhat_ptr, rstd_ptr, b, rows, row_ok, N, C)
@@ -655,8 +659,7 @@ def _fc_backward_impl(grad_h, v, weights, gammas, betas, xhats, rstds):
                                    x_affine=(gammas[i - 1], betas[i - 1]) if i else None)
         grads = [dw[0], db[0], dg, dbeta, *grads]
         if i:
-            dpre_above = dpre
-            dpre, dg, dbeta = layer_norm_bwd(dpre_above, weights[i], i - 1)
+            dpre, dg, dbeta = layer_norm_bwd(dpre, weights[i], i - 1)
     return [dpre @ weights[0], *grads]
 
 
@@ -711,8 +714,7 @@ def _register():
 
     def _fc_setup_context(ctx, inputs, output):
         v, weights, _, gammas, betas, _, _ = inputs
-        n = len(weights)
-        ctx.num_layers = n
+        ctx.num_layers = len(weights)
         ctx.save_for_backward(v, *weights, *gammas, *betas, *output[1:])
         ctx.mark_non_differentiable(*output[1:])
 
