@@ -51,6 +51,11 @@ class FCLayer(nn.Module):
         linear, norm = self.net[0], self.net[1]
         return layer_norm_relu(linear(input), norm.weight, norm.bias, norm.eps)
 
+    def kernel_parameters(self):
+        """(Linear weight, Linear bias, LayerNorm weight, LayerNorm bias), as ``kernels.fc_layers`` takes a layer."""
+        linear, norm = self.net[0], self.net[1]
+        return linear.weight, linear.bias, norm.weight, norm.bias
+
 
 class FCBlock(nn.Module):
     """An MLP of FCLayers: in -> hidden, ``num_hidden_layers`` x hidden -> hidden, then hidden -> out.
@@ -86,8 +91,7 @@ class FCBlock(nn.Module):
                 if not (isinstance(layer, FCLayer) and layer.net[0].weight.shape == (input.shape[-1],) * 2):
                     break
                 square.append(layer)
-            layers = [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
-                      for layer in square]
+            layers = [layer.kernel_parameters() for layer in square]
             eps = [layer.net[1].eps for layer in square]
             if square and kernels.supports_fc(input, layers, eps):
                 return self.net[len(square):](kernels.fc_layers(input, layers, eps[0]))

@@ -228,8 +228,7 @@ def pixel_generator_outputs_and_grads(block, v, grad_out, fused, amp_dtype=None,
     v = v.detach().requires_grad_()
     with util.autocast(v.device.type, amp_dtype):
         if direct:
-            layers = [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
-                      for layer in block.net[:-1]]
+            layers = [layer.kernel_parameters() for layer in block.net[:-1]]
             out = block.net[-1](kernels.fc_layers(v, layers))
         else:
             out = block(v)
@@ -326,8 +325,7 @@ def test_the_pixel_generators_operator_carries_the_kernels_fingerprint(monkeypat
         calls.append(args)
         return operator(*args)
     monkeypatch.setattr(torch.ops.srn, 'fc_forward', recorded)
-    kernels.fc_layers(v, [(layer.net[0].weight, layer.net[0].bias, layer.net[1].weight, layer.net[1].bias)
-                          for layer in block.net[:-1]])
+    kernels.fc_layers(v, [layer.kernel_parameters() for layer in block.net[:-1]])
     assert len(calls) == 1 and calls[0][-1] == kernels.SOURCE_KEY
 
 
